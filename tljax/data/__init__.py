@@ -1,0 +1,1 @@
+"""Data: sources → decode/cache → on-device augmentation → sharded batches."""

@@ -1,0 +1,60 @@
+"""Model registry: `create(name, num_classes, **kw)` → `Classifier(backbone, head)`.
+
+Families are imported lazily so that asking for a ResNet never pays for
+building InceptionV3's module tree, and so each family lives in one file.
+Each family module exposes `build(name, dtype=..., **arch_kw)` returning
+`(backbone_module, head_defaults: dict)` and a dict `INPUT_SIZES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import jax.numpy as jnp
+
+from tljax.models.layers import Classifier, Head
+
+_FAMILIES = {
+    'resnet': ('resnet18', 'resnet34', 'resnet50', 'resnet_tiny'),
+    'mobilenet': ('mobilenet_v2', 'mobilenet_v3_small', 'mobilenet_v3_large', 'mobilenet_tiny'),
+    'simple_cnn': ('simple_cnn', 'simple_cnn_tiny'),
+    'inception': ('inception_v3',),
+    'mobilenet_keras': ('mobilenet_v1', 'mobilenet_v2_keras'),
+    'efficientnet_lite': tuple(f'efficientnet_lite{i}' for i in range(5)) + ('efficientnet_lite_tiny',),
+}
+_NAME_TO_FAMILY = {name: fam for fam, names in _FAMILIES.items() for name in names}
+NAMES = tuple(_NAME_TO_FAMILY)
+
+
+def _family(name: str):
+  if name not in _NAME_TO_FAMILY:
+    raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(NAMES)}.')
+  return importlib.import_module(f'tljax.models.{_NAME_TO_FAMILY[name]}')
+
+
+def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
+           head: dict | None = None, **arch_kw) -> Classifier:
+  """Builds `name` with a `num_classes`-way head.
+
+  `head` overrides the family's default head (e.g. `pool='flatten'`,
+  `hidden=(1024,)`, `dropout=0.2`); `arch_kw` go to the backbone (e.g.
+  `alpha=0.5`, `cut='mixed7'`). `dtype` is the compute dtype; parameters stay
+  float32.
+  """
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  backbone, head_defaults = _family(name).build(name, dtype=dtype, **arch_kw)
+  unknown = set(head or {}) - {'pool', 'hidden', 'activation', 'dropout'}
+  if unknown:
+    raise ValueError(f'Unknown head options {sorted(unknown)}; '
+                     "use pool, hidden, activation, dropout.")
+  head_kw = {**head_defaults, **(head or {})}
+  head_kw['hidden'] = tuple(head_kw.get('hidden', ()))
+  return Classifier(backbone=backbone, head=Head(num_classes=num_classes, dtype=dtype, **head_kw))
+
+
+def input_size(name: str, **arch_kw) -> int:
+  """Default square input resolution the model was designed (or ported) for."""
+  sizes = _family(name).INPUT_SIZES
+  return sizes[name] if name in sizes else sizes['default']

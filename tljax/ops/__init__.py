@@ -1,0 +1,1 @@
+"""Numerical kernels whose fastest formulation depends on the platform."""
