@@ -1,0 +1,461 @@
+"""Keras applications weight files (.h5) → Flax variables, read with h5py alone.
+
+Keras loads these files by topology: the i-th layer with weights in the file
+goes to the i-th layer with weights in the model, whatever its name. The
+official files carry auto-generated names (`conv2d_37`, `batch_normalization_37`)
+whose numbers depend on what the saving session had built before, so this
+port maps by the same order and never by those names. The order is Keras'
+functional-graph order (layers sorted by decreasing depth, ties by the order a
+depth-first walk from the output meets them), which interleaves InceptionV3's
+branches; `keras_layers` derives it from the architecture description the
+Flax module itself runs, so the two cannot drift apart.
+
+Two layouts are read:
+  * legacy HDF5 (the official files; `model.save('x.h5')`): `layer_names`
+    attribute in topology order, per layer a `weight_names` attribute; the
+    weights of a whole-model file sit under `model_weights`.
+  * Keras 3 `.weights.h5` (`model.save_weights`): `layers/<class>_<k>/vars/<i>`,
+    numbered per layer class in topology order, so the same order is
+    recovered class by class.
+
+Layers whose name Keras sets explicitly (`conv_pw_1`, `block_3_expand`,
+`predictions`, ...) are also checked by name. Everything that does not line
+up is reported in one `PortError`, with a guess of which architecture/alpha
+the file really holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tljax.data.preprocess import KERAS_TF
+from tljax.models import inception
+from tljax.models import mobilenet_keras as mk
+from tljax.porting.catalog import WeightSpec
+from tljax.porting.merge import PortError, flatten, unflatten
+
+ARCHS = ('inception_v3', 'mobilenet_v1', 'mobilenet_v2_keras')
+_ROLES = {
+    'conv': ('kernel',),
+    'dwconv': ('kernel',),
+    'bn': ('gamma', 'beta', 'moving_mean', 'moving_variance'),
+    'bn_noscale': ('beta', 'moving_mean', 'moving_variance'),
+    'dense': ('kernel', 'bias'),
+    'conv_dense': ('kernel', 'bias'),
+}
+_CLASS = {'conv': 'conv2d', 'conv_dense': 'conv2d', 'dwconv': 'depthwise_conv2d',
+          'bn': 'batch_normalization', 'bn_noscale': 'batch_normalization', 'dense': 'dense'}
+_HEAD_NAMES = {'inception_v3': ('predictions',), 'mobilenet_v1': ('conv_preds',),
+               # Keras 2's keras-applications named MobileNetV2's classifier 'Logits'.
+               'mobilenet_v2_keras': ('predictions', 'Logits')}
+
+
+# ---------------------------------------------------------------- official files
+
+_BASE_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/'
+# Keras publishes digests only for InceptionV3, and they are MD5 (32 hex digits, checked by
+# `keras.utils.get_file`), not SHA-256; the MobileNet files have none. So `sha256` stays None
+# everywhere and the MD5s are kept here.
+MD5 = {'inception_v3': '9a0d58056eeedaa3f26cb7ebd46da564',
+       'inception_v3:notop': 'bcbd6486424b2319ff4ef7d526e38f63'}
+_V1_ALPHA_TEXT = {1.0: '1_0', 0.75: '7_5', 0.5: '5_0', 0.25: '2_5'}
+
+
+def _variant(alpha: float, rows: int, top: bool) -> str:
+  """'' for alpha 1.0 at 224 with top; otherwise e.g. 'alpha0.5', 'alpha0.35_160_notop', 'notop'."""
+  parts = ([f'alpha{alpha}'] if alpha != 1.0 else []) + ([str(rows)] if rows != 224 else [])
+  return '_'.join(parts + ([] if top else ['notop']))
+
+
+def _spec(arch: str, url_path: str, variant: str, size: int, **arch_kw) -> WeightSpec:
+  return WeightSpec(source='keras', arch=arch, url=_BASE_URL + url_path,
+                    filename=url_path.rsplit('/', 1)[-1], sha256=None,
+                    preprocessing=dataclasses.replace(KERAS_TF, input_size=size, resize=size),
+                    arch_kw=arch_kw, variant=variant)
+
+
+def _catalog() -> dict[str, WeightSpec]:
+  """Every file `keras.applications` downloads for these models (MobileNets: per alpha and size)."""
+  stem = 'inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels'
+  specs = [_spec('inception_v3', f'{stem}.h5', '', 299),
+           _spec('inception_v3', f'{stem}_notop.h5', 'notop', 299)]
+  for top in (True, False):
+    end = '' if top else '_no_top'
+    for alpha in mk.V1_ALPHAS:
+      for rows in (128, 160, 192, 224):
+        specs.append(_spec('mobilenet_v1', f'mobilenet/mobilenet_{_V1_ALPHA_TEXT[alpha]}_{rows}_tf{end}.h5',
+                           _variant(alpha, rows, top), rows, alpha=alpha))
+    for alpha in mk.V2_ALPHAS:
+      for rows in (96, 128, 160, 192, 224):
+        name = f'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}{end}.h5'
+        specs.append(_spec('mobilenet_v2_keras', f'mobilenet_v2/{name}', _variant(alpha, rows, top),
+                           rows, alpha=alpha))
+  return {s.key: s for s in specs}
+
+
+CATALOG: dict[str, WeightSpec] = _catalog()
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasLayer:
+  """A layer with weights, as Keras stores it: kind, Flax path, explicit Keras name (if any)."""
+
+  kind: str
+  path: str
+  names: tuple[str, ...] = ()
+
+  @property
+  def is_head(self) -> bool:
+    return self.path.startswith('head/')
+
+
+@dataclasses.dataclass
+class FileLayer:
+  name: str
+  weights: list[tuple[str, np.ndarray]]
+  real_name: bool = True   # False: Keras 3 files written before layer names were stored.
+
+
+# ---------------------------------------------------------------- expected layers, in Keras order
+
+def _inception_layers() -> list[KerasLayer]:
+  """Keras' layer order for InceptionV3, from `inception.STEM`/`BLOCKS` as Keras builds them."""
+  parents: list[list[int]] = [[]]   # node 0: the input
+  weighted: dict[int, KerasLayer] = {}
+
+  def add(parent_ids, layer=None):
+    parents.append(list(parent_ids))
+    if layer is not None:
+      weighted[len(parents) - 1] = layer
+    return len(parents) - 1
+
+  def units(seq, node, prefix):
+    for unit in seq:
+      if isinstance(unit, inception.ConvSpec):
+        path = f'backbone/{prefix}{unit.name}'
+        node = add([node], KerasLayer('conv', f'{path}/conv'))
+        node = add([node], KerasLayer('bn_noscale', f'{path}/bn'))
+        node = add([node])                                     # Activation('relu')
+      elif isinstance(unit, inception.Split):
+        node = add([units(f, node, prefix) for f in unit.forks])   # concatenate
+      else:
+        node = add([node])                                     # pooling
+    return node
+
+  node = units(inception.STEM, 0, '')
+  for name, branches in inception.BLOCKS:
+    node = add([units(b, node, f'{name}/') for b in branches])
+  node = add([node])                                           # GlobalAveragePooling2D
+  out = add([node], KerasLayer('dense', 'head/logits', ('predictions',)))
+
+  depth = [0] * len(parents)
+  for n in range(out, -1, -1):          # parents are created before children
+    for p in parents[n]:
+      depth[p] = max(depth[p], depth[n] + 1)
+  first_seen: dict[int, int] = {}
+  stack = [out]
+  while stack:                          # pre-order depth-first walk from the output
+    n = stack.pop()
+    if n in first_seen:
+      continue
+    first_seen[n] = len(first_seen)
+    stack.extend(reversed(parents[n]))
+  order = sorted(weighted, key=lambda n: (-depth[n], first_seen[n]))
+  return [weighted[n] for n in order]
+
+
+def _mobilenet_v1_layers() -> list[KerasLayer]:
+  layers = [KerasLayer('conv', 'backbone/conv1', ('conv1',)),
+            KerasLayer('bn', 'backbone/conv1_bn', ('conv1_bn',))]
+  for i in range(1, len(mk.V1_BLOCKS) + 1):
+    for name, kind in ((f'conv_dw_{i}', 'dwconv'), (f'conv_dw_{i}_bn', 'bn'),
+                       (f'conv_pw_{i}', 'conv'), (f'conv_pw_{i}_bn', 'bn')):
+      layers.append(KerasLayer(kind, f'backbone/{name}', (name,)))
+  return layers + [KerasLayer('conv_dense', 'head/logits', _HEAD_NAMES['mobilenet_v1'])]
+
+
+def _mobilenet_v2_layers(alpha: float) -> list[KerasLayer]:
+  names = [('Conv1', 'conv'), ('bn_Conv1', 'bn')]
+  for b in mk.v2_blocks(alpha)[0]:
+    steps = (('expand', 'conv'),) if b.block_id else ()
+    for step, kind in steps + (('depthwise', 'dwconv'), ('project', 'conv')):
+      names += [(f'{b.prefix}{step}', kind), (f'{b.prefix}{step}_BN', 'bn')]
+  names += [('Conv_1', 'conv'), ('Conv_1_bn', 'bn')]
+  return ([KerasLayer(kind, f'backbone/{n}', (n,)) for n, kind in names] +
+          [KerasLayer('dense', 'head/logits', _HEAD_NAMES['mobilenet_v2_keras'])])
+
+
+def keras_layers(arch: str, alpha: float = 1.0) -> list[KerasLayer]:
+  """Every layer with weights of the full Keras model (with top), in Keras' storage order."""
+  if arch == 'inception_v3':
+    return _inception_layers()
+  if arch == 'mobilenet_v1':
+    return _mobilenet_v1_layers()
+  if arch == 'mobilenet_v2_keras':
+    return _mobilenet_v2_layers(alpha)
+  raise ValueError(f'no Keras port for {arch!r}; choose one of {", ".join(ARCHS)}')
+
+
+# ---------------------------------------------------------------- reading the file
+
+def _attr_list(group, name: str) -> list[str] | None:
+  """A string-list attribute; Keras splits long ones into `name0`, `name1`, ..."""
+  if name in group.attrs:
+    values = list(group.attrs[name])
+  elif f'{name}0' in group.attrs:
+    values, i = [], 0
+    while f'{name}{i}' in group.attrs:
+      values += list(group.attrs[f'{name}{i}'])
+      i += 1
+  else:
+    return None
+  return [v.decode('utf8') if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _short(weight_name: str) -> str:
+  """'conv2d_37/kernel:0' → 'kernel'; Keras 2 called depthwise kernels 'depthwise_kernel'."""
+  short = weight_name.rsplit('/', 1)[-1].split(':')[0]
+  return 'kernel' if short == 'depthwise_kernel' else short
+
+
+def read_h5(path: str) -> tuple[str, list[FileLayer] | dict[str, list[FileLayer]]]:
+  """('legacy', layers in topology order) or ('keras3', {layer class: layers in order})."""
+  import h5py
+  with h5py.File(path, 'r') as f:
+    root = f['model_weights'] if 'model_weights' in f else f
+    layer_names = _attr_list(root, 'layer_names')
+    if layer_names is not None:
+      layers = []
+      for name in layer_names:
+        group = root[name]
+        weight_names = _attr_list(group, 'weight_names') or []
+        if weight_names:
+          layers.append(FileLayer(name, [(w, np.asarray(group[w])) for w in weight_names]))
+      return 'legacy', layers
+    if isinstance(root.get('layers'), h5py.Group):
+      by_class: dict[str, list[tuple[int, FileLayer]]] = {}
+      for key, group in root['layers'].items():
+        vars_ = group.get('vars')
+        if not isinstance(vars_, h5py.Group) or not len(vars_):
+          continue
+        m = re.fullmatch(r'(.*?)(?:_(\d+))?', key)
+        name = vars_.attrs.get('name', key)
+        name = name.decode('utf8') if isinstance(name, bytes) else str(name)
+        weights = [(f'{name}/{i}', np.asarray(vars_[str(i)])) for i in range(len(vars_))]
+        layer = FileLayer(name, weights, real_name='name' in vars_.attrs)
+        by_class.setdefault(m.group(1), []).append((int(m.group(2) or 0), layer))
+      return 'keras3', {cls: [l for _, l in sorted(v, key=lambda t: t[0])] for cls, v in by_class.items()}
+  raise PortError(f'{path} is not a Keras weights file: it has neither a `layer_names` attribute '
+                  '(legacy .h5) nor a `layers` group (Keras 3 .weights.h5).')
+
+
+def _pair(layout: str, content, expected: Sequence[KerasLayer]):
+  """[(expected layer, file layer or None)], [file layers left over] by Keras' order."""
+  if layout == 'legacy':
+    pairs = [(e, content[i] if i < len(content) else None) for i, e in enumerate(expected)]
+    return pairs, list(content[len(expected):])
+  queues = {cls: list(layers) for cls, layers in content.items()}
+  pairs = [(e, queues[_CLASS[e.kind]].pop(0) if queues.get(_CLASS[e.kind]) else None)
+           for e in expected]
+  return pairs, [l for layers in queues.values() for l in layers]
+
+
+def _convert(e: KerasLayer, fl: FileLayer) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Flax leaves of one layer (paths under 'params/' / 'batch_stats/') and any problems."""
+  roles = _ROLES[e.kind]
+  if len(fl.weights) != len(roles):
+    got = ', '.join(f'{w} {tuple(a.shape)}' for w, a in fl.weights)
+    return {}, [f'{fl.name}: expected {len(roles)} weights ({", ".join(roles)}) for {e.path}, '
+                f'found {len(fl.weights)}: {got}']
+  named = [_short(w) for w, _ in fl.weights]
+  if all(n in _ROLES['bn'] + ('kernel', 'bias') for n in named) and named != list(roles):
+    return {}, [f'{fl.name}: weights {named} where {e.path} needs {list(roles)}']
+  out = {}
+  for role, (_, a) in zip(roles, fl.weights):
+    a = np.asarray(a, np.float32)
+    if role == 'kernel' and e.kind == 'dwconv':
+      if a.ndim != 4:
+        return {}, [f'{fl.name}: depthwise kernel of shape {a.shape} is not 4-D']
+      a = a.reshape(a.shape[0], a.shape[1], 1, a.shape[2] * a.shape[3])
+    elif role == 'kernel' and e.kind == 'conv_dense':
+      if a.ndim != 4 or a.shape[:2] != (1, 1):
+        return {}, [f'{fl.name}: 1x1 conv classifier kernel expected, found shape {a.shape}']
+      a = a[0, 0]
+    target = {'kernel': 'params/{}/kernel', 'bias': 'params/{}/bias', 'gamma': 'params/{}/scale',
+              'beta': 'params/{}/bias', 'moving_mean': 'batch_stats/{}/mean',
+              'moving_variance': 'batch_stats/{}/var'}[role]
+    out[target.format(e.path)] = a
+  return out, []
+
+
+# ---------------------------------------------------------------- matching against a model
+
+@dataclasses.dataclass
+class PortReport:
+  """What a port did besides loading: head re-initialised, file layers ignored (and why)."""
+
+  layout: str
+  loaded_layers: int = 0
+  reinitialised: list[str] = dataclasses.field(default_factory=list)
+  head_reason: str = ''
+  ignored: list[str] = dataclasses.field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_shapes(arch: str, num_classes: int, arch_kw: tuple) -> tuple:
+  """(model, {flat variable path: shape}) from an abstract init (no compute, no compile)."""
+  from tljax import models
+  model = models.create(arch, num_classes, **dict(arch_kw))
+  size = models.input_size(arch, **dict(arch_kw))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  return model, {k: tuple(v.shape) for k, v in flatten(shapes).items()}
+
+
+def _match(layout, content, arch: str, num_classes: int, arch_kw: dict, strict_names: bool = True):
+  """(flat Flax leaves, model, shapes, report, problems) of the file against `arch(**arch_kw)`."""
+  model, shapes = _model_shapes(arch, num_classes, tuple(sorted(arch_kw.items())))
+  pairs, leftover = _pair(layout, content, keras_layers(arch, arch_kw.get('alpha', 1.0)))
+  cut = arch_kw.get('cut')
+  blocks = ({name for name, _ in inception.blocks_until(cut)} if arch == 'inception_v3' else None)
+
+  def in_model(e: KerasLayer) -> bool:
+    part = e.path.split('/')[1]
+    return blocks is None or e.is_head or not part.startswith('mixed') or part in blocks
+
+  report, problems, flat = PortReport(layout), [], {}
+  head_file = next((fl for e, fl in pairs if e.is_head), None)
+  reasons = [r for r, bad in (('the file has no top (notop)', head_file is None),
+                              (f'cut={cut!r}', cut not in (None, inception.END_POINTS[-1])),
+                              (f'num_classes={num_classes} != 1000', num_classes != 1000)) if bad]
+  report.head_reason = '; '.join(reasons)
+  missing = []
+  for e, fl in pairs:
+    if e.is_head and report.head_reason:
+      if fl is not None:
+        report.ignored.append(f'{fl.name} ({report.head_reason})')
+      continue
+    if not in_model(e):
+      if fl is not None:
+        report.ignored.append(f'{fl.name} (after the cut at {cut})')
+      continue
+    if fl is None:
+      missing.append(e.path)
+      continue
+    if strict_names and e.names and fl.real_name and fl.name not in e.names:
+      problems.append(f'layer {fl.name!r} sits where Keras puts {" or ".join(map(repr, e.names))}')
+    leaves, errs = _convert(e, fl)
+    problems += errs
+    for key, a in leaves.items():
+      want = shapes.get(key)
+      if want is None:
+        problems.append(f'{fl.name} → {key}: not in the model')
+      elif tuple(a.shape) != want:
+        problems.append(f'{fl.name} → {key}: file {tuple(a.shape)} vs model {want}')
+      flat[key] = a
+    report.loaded_layers += 1
+  if missing:
+    problems.append(f'missing from the file ({len(missing)} layers): ' + ', '.join(missing))
+  if leftover:
+    problems.append(f'unexpected in the file ({len(leftover)} layers): ' +
+                    ', '.join(f'{fl.name} {[tuple(a.shape) for _, a in fl.weights]}' for fl in leftover))
+  return flat, model, shapes, report, problems
+
+
+def _candidates():
+  yield 'inception_v3', {}
+  for a in mk.V1_ALPHAS:
+    yield 'mobilenet_v1', {'alpha': a}
+  for a in mk.V2_ALPHAS:
+    yield 'mobilenet_v2_keras', {'alpha': a}
+
+
+def _describe(arch: str, arch_kw: dict) -> str:
+  return arch + ''.join(f', {k}={v!r}' for k, v in arch_kw.items())
+
+
+def _count_fits(layout, content, expected: Sequence[KerasLayer]) -> bool:
+  """Cheap pre-check: same number of layers (per class for Keras 3), the classifier optional."""
+  if layout == 'legacy':
+    return len(content) in (len(expected), len(expected) - 1)
+  want: dict[str, int] = {}
+  for e in expected:
+    want[_CLASS[e.kind]] = want.get(_CLASS[e.kind], 0) + 1
+  got = {cls: len(layers) for cls, layers in content.items()}
+  notop = dict(want)
+  notop[_CLASS[expected[-1].kind]] -= 1
+  return got in (want, {k: v for k, v in notop.items() if v})
+
+
+def _guess(layout, content) -> str:
+  """Which known architecture/alpha the file holds, as the call that would port it."""
+  hits = []
+  for arch, kw in _candidates():
+    if _count_fits(layout, content, keras_layers(arch, kw.get('alpha', 1.0))) and \
+        not _match(layout, content, arch, 1000, kw)[4]:
+      hits.append(f"from_keras(path, {arch!r}{''.join(f', {k}={v!r}' for k, v in kw.items())})")
+  if hits:
+    return 'The file holds another architecture or width; port it with ' + ' or '.join(hits) + '.'
+  return ('The file matches none of ' + ', '.join(ARCHS) + ' at the catalogued alphas '
+          f'({len(content) if layout == "legacy" else sum(map(len, content.values()))} layers with weights).')
+
+
+def convert_file(path: str, arch: str, num_classes: int = 1000, *, rng: jax.Array | None = None,
+                 strict_names: bool = True, **arch_kw) -> tuple[dict, PortReport]:
+  """Like `from_keras`, also returning the `PortReport` (what was re-initialised or ignored)."""
+  if arch not in ARCHS:
+    raise ValueError(f'no Keras port for {arch!r}; choose one of {", ".join(ARCHS)}')
+  layout, content = read_h5(str(path))
+  flat, model, shapes, report, problems = _match(layout, content, arch, num_classes, arch_kw,
+                                                 strict_names)
+  absent = sorted(k for k in shapes if k not in flat and not
+                  (report.head_reason and k.split('/')[1] == 'head'))
+  if absent and not problems:
+    problems.append(f'model leaves not filled by the file: {", ".join(absent)}')
+  if problems:
+    lines = [f'{path} ({layout} layout) does not fit {_describe(arch, arch_kw)}.',
+             _guess(layout, content), 'Problems:']
+    lines += [f'  {p}' for p in problems[:60]]
+    if len(problems) > 60:
+      lines.append(f'  ... and {len(problems) - 60} more')
+    raise PortError('\n'.join(lines))
+  if report.head_reason:
+    rng = jax.random.key(0) if rng is None else rng
+    width = shapes['params/head/logits/kernel'][0]
+    fresh = flatten(model.head.init(rng, jnp.zeros((1, width), jnp.float32)))
+    for key, value in fresh.items():
+      col, rest = key.split('/', 1)
+      flat[f'{col}/head/{rest}'] = np.asarray(value)
+      report.reinitialised.append(f'{col}/head/{rest}')
+  return unflatten(flat), report
+
+
+def from_keras(h5_path, arch: str, num_classes: int = 1000, *, rng: jax.Array | None = None,
+               strict_names: bool = True, **arch_kw) -> dict:
+  """`{'params', 'batch_stats'}` for `tljax.models.create(arch, num_classes, **arch_kw)`.
+
+  `h5_path`: an official Keras applications file (with or without top), a
+  legacy `.h5` or a Keras 3 `.weights.h5`. The head is re-initialised (from
+  `rng`, default key 0) for notop files, `num_classes != 1000` and cut
+  backbones; layers after a cut are ignored. Both are logged.
+  `strict_names=False` accepts renamed explicitly-named layers (Keras itself
+  only looks at the order).
+  """
+  variables, report = convert_file(h5_path, arch, num_classes, rng=rng, strict_names=strict_names,
+                                   **arch_kw)
+  logging.info('keras port of %s (%s layout): %d layers loaded into %s', h5_path, report.layout,
+               report.loaded_layers, _describe(arch, arch_kw))
+  if report.reinitialised:
+    logging.info('keras port: head re-initialised (%s): %s', report.head_reason,
+                 ', '.join(report.reinitialised))
+  if report.ignored:
+    logging.info('keras port: %d file layers ignored: %s', len(report.ignored),
+                 ', '.join(report.ignored))
+  return variables
