@@ -157,7 +157,8 @@ class SqueezeExcite(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+    s = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.promote_types(x.dtype, jnp.float32))
+    s = s.astype(x.dtype)
     s = nn.relu(Conv(self.squeeze, 1, use_bias=True, dtype=self.dtype, name='fc1')(s))
     s = Conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name='fc2')(s)
     return x * hard_sigmoid(s)
