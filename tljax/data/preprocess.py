@@ -59,7 +59,7 @@ class Preprocessing:
 TORCHVISION = Preprocessing()
 KERAS_TF = Preprocessing(resize=299, resize_mode='exact', input_size=299, mean=(127.5,) * 3,
                          std=(127.5,) * 3)
-EFFICIENTNET_LITE = Preprocessing(mean=(127.0,) * 3, std=(128.0,) * 3)
+EFFICIENTNET_LITE = Preprocessing(mean=(127.0,) * 3, std=(128.0,) * 3, interpolation='bicubic')
 
 _RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST}
 
