@@ -1,0 +1,173 @@
+"""torchvision checkpoints → tljax variables, strictly, plus the official weight catalog.
+
+One converter per architecture family moves every tensor of a torchvision
+state dict to its Flax path through a `StateDictReader`
+(`convert(reader, arch)`; ResNets here, MobileNets in
+`torchvision_mobilenet`). The result is then checked against the shapes of
+the tljax model itself, and every problem — missing, unexpected or
+mis-shaped tensors — is reported in one `PortError`. A checkpoint whose
+class count differs from `num_classes` keeps its whole trunk; only
+`head/logits` is re-initialised, and the replaced leaves are logged and
+returned by `port`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tljax import models
+from tljax.data.preprocess import Preprocessing
+from tljax.models import resnet
+from tljax.porting import torchvision_mobilenet
+from tljax.porting.catalog import WeightSpec
+from tljax.porting.convert import StateDictReader
+from tljax.porting.merge import PortError, check_and_merge, flatten, unflatten
+from tljax.porting.pickle_reader import load_state_dict
+
+
+def convert_resnet(reader: StateDictReader, arch: str) -> None:
+  """torchvision ResNet keys → `tljax.models.resnet` paths (see that module's docstring)."""
+  spec = resnet.SPECS[arch]
+  reader.conv('conv1', 'backbone/conv1')
+  reader.bn('bn1', 'backbone/bn1')
+  n_convs = 3 if spec.block == 'bottleneck' else 2
+  for s, size in enumerate(spec.stage_sizes):
+    for b in range(size):
+      src, dst = f'layer{s + 1}.{b}', f'backbone/layer{s + 1}_{b}'
+      for i in range(1, n_convs + 1):
+        reader.conv(f'{src}.conv{i}', f'{dst}/conv{i}')
+        reader.bn(f'{src}.bn{i}', f'{dst}/bn{i}')
+      if spec.has_downsample(s, b):
+        reader.conv(f'{src}.downsample.0', f'{dst}/downsample_conv')
+        reader.bn(f'{src}.downsample.1', f'{dst}/downsample_bn')
+  reader.linear('fc', 'head/logits')
+
+
+CONVERTERS: dict[str, Callable[[StateDictReader, str], None]] = {
+    **{arch: convert_resnet for arch in resnet.SPECS},
+    **{arch: torchvision_mobilenet.convert for arch in torchvision_mobilenet.ARCHS},
+}
+ARCHS = tuple(CONVERTERS)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_shapes(arch: str, num_classes: int):
+  """(variable shapes, backbone feature shape) of `models.create(arch, num_classes)`."""
+  model = models.create(arch, num_classes)
+  size = models.input_size(arch)
+  x = jnp.zeros((1, size, size, 3))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  features = jax.eval_shape(lambda v: model.apply(v, x, method=model.features), shapes)
+  return shapes, features.shape
+
+
+def _with_new_logits(variables: dict, arch: str, num_classes: int,
+                     rng: jax.Array | None) -> tuple[dict, list[str]]:
+  """Replaces `head/logits` by a fresh `num_classes` layer; everything else is kept as is.
+
+  Only the head is initialised (`method=apply_head` on pooled features), so
+  this costs a Dense init, not a full-model compile like `merge.with_new_head`.
+  """
+  model = models.create(arch, num_classes)
+  shapes, features = _model_shapes(arch, num_classes)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  init_head = lambda r: model.init(r, jnp.zeros((1, features[-1])), method=model.apply_head)
+  head = jax.jit(init_head)(rng)
+  fresh = {k: v for k, v in flatten(head).items() if '/head/logits/' in k}
+  kept = {k: v for k, v in flatten(variables).items() if '/head/logits/' not in k}
+  merged, _ = check_and_merge(_zeros_like(shapes), unflatten({**kept, **fresh}),
+                              what=f'{arch} with a new {num_classes}-class head')
+  return merged, sorted(fresh)
+
+
+def _zeros_like(shapes) -> dict:
+  """`jax.eval_shape` output as numpy zeros (allocated lazily by the OS), for `check_and_merge`."""
+  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def port(path_or_state_dict: str | os.PathLike | Mapping[str, np.ndarray], arch: str,
+         num_classes: int = 1000, rng: jax.Array | None = None) -> tuple[dict, list[str]]:
+  """Returns ({'params', 'batch_stats'} as numpy arrays, re-initialised leaf paths)."""
+  if arch not in CONVERTERS:
+    raise ValueError(f'no torchvision converter for {arch!r}; known: {", ".join(ARCHS)}')
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    what = f'{os.fspath(path_or_state_dict)} (as torchvision {arch})'
+    state_dict = load_state_dict(path_or_state_dict)
+  else:
+    what, state_dict = f'state dict (as torchvision {arch})', path_or_state_dict
+  reader = StateDictReader(state_dict, what=what)
+  CONVERTERS[arch](reader, arch)
+
+  logits = reader.flat.get('params/head/logits/kernel')
+  ckpt_classes = logits.shape[-1] if logits is not None and logits.ndim == 2 else 1000
+  shapes, _ = _model_shapes(arch, ckpt_classes)
+  expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
+  mismatched = [f'    {k}: checkpoint {tuple(v.shape)} vs model {expected[k]}'
+                for k, v in sorted(reader.flat.items())
+                if k in expected and tuple(v.shape) != expected[k]]
+  try:
+    variables = reader.finish()
+  except PortError as e:
+    if mismatched:
+      lines = [str(e), f'  shape mismatch ({len(mismatched)}):', *mismatched]
+      raise PortError('\n'.join(lines)) from None
+    raise
+  variables, _ = check_and_merge(_zeros_like(shapes), variables, what=what)
+
+  replaced: list[str] = []
+  if num_classes != ckpt_classes:
+    variables, replaced = _with_new_logits(variables, arch, num_classes, rng)
+    logging.info('%s: %d-class head replaced by a freshly initialised %d-class head: %s', what,
+                 ckpt_classes, num_classes, ', '.join(replaced))
+  return jax.tree_util.tree_map(np.asarray, variables), replaced
+
+
+def from_torchvision(path_or_state_dict, arch: str, num_classes: int = 1000,
+                     rng: jax.Array | None = None) -> dict:
+  """`{'params', 'batch_stats'}` for `tljax.models.create(arch, num_classes)`."""
+  return port(path_or_state_dict, arch, num_classes=num_classes, rng=rng)[0]
+
+
+# torchvision's `ImageClassification` eval preset (bilinear resize of the shorter
+# side, centre crop 224, ImageNet mean/std); the newer-recipe V2 weights resize to 232.
+_RESIZE_256 = Preprocessing(input_size=224, resize=256)
+_RESIZE_232 = Preprocessing(input_size=224, resize=232)
+
+# (arch, torchvision enum member, file, full SHA-256, preprocessing). The
+# filename carries the first 8 hex digits of the SHA-256, as torch.hub checks.
+_RESNET_FILES = (
+    ('resnet18', 'IMAGENET1K_V1', 'resnet18-f37072fd.pth',
+     'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec', _RESIZE_256),
+    ('resnet34', 'IMAGENET1K_V1', 'resnet34-b627a593.pth',
+     'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f', _RESIZE_256),
+    ('resnet50', 'IMAGENET1K_V1', 'resnet50-0676ba61.pth',
+     '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a', _RESIZE_256),
+    ('resnet50', 'IMAGENET1K_V2', 'resnet50-11ad3fa6.pth',
+     '11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca', _RESIZE_232),
+)
+# What a bare `--arch` means: torchvision's `DEFAULT` member.
+_DEFAULT_VARIANT = {'resnet18': 'IMAGENET1K_V1', 'resnet34': 'IMAGENET1K_V1',
+                    'resnet50': 'IMAGENET1K_V2'}
+
+
+def _resnet_catalog() -> dict[str, WeightSpec]:
+  entries = {}
+  for arch, variant, filename, sha256, preprocessing in _RESNET_FILES:
+    make = lambda v: WeightSpec(source='torchvision', arch=arch,
+                                url='https://download.pytorch.org/models/' + filename,
+                                filename=filename, sha256=sha256, preprocessing=preprocessing,
+                                variant=v)
+    entries[f'{arch}:{variant}'] = make(variant)
+    if _DEFAULT_VARIANT[arch] == variant:
+      entries[arch] = make('')
+  return entries
+
+
+CATALOG: dict[str, WeightSpec] = {**_resnet_catalog(), **torchvision_mobilenet.CATALOG_ENTRIES}
