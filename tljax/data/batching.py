@@ -128,8 +128,8 @@ _DONE = object()
 class prefetch:
   """Runs `iterator` in a daemon thread, `buffer_size` items ahead (bounded, so memory is too).
 
-  With `devices`, each batch leaf is also placed on the local devices
-  (`jax.device_put_sharded` along the leading axis) in that thread, so the
+  With `devices`, each batch leaf is also placed on those devices, sharded
+  along the leading axis (what pmap expects), in that thread, so the
   host-to-device copy overlaps the previous step. Exceptions re-raise in the
   consumer; `close()` (or leaving a `with` block) stops the producer.
   """
@@ -151,12 +151,15 @@ class prefetch:
     return False
 
   def _run(self, iterator):
+    sharding = None
+    if self._devices is not None:
+      import jax
+      mesh = jax.sharding.Mesh(np.asarray(self._devices), ('batch',))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
     try:
       for item in iterator:
-        if self._devices is not None:
-          import jax
-          item = jax.tree_util.tree_map(
-              lambda x: jax.device_put_sharded(list(x), self._devices), item)
+        if sharding is not None:
+          item = jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), item)
         if not self._put(item):
           return
       self._put(_DONE)

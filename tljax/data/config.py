@@ -35,7 +35,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_per_class=0,           # 0 = all; first N valid files per class in sorted order
       examples_per_class=0,      # few-shot: N train examples per class, drawn by seed
       train_fraction=1.0,        # few-shot: stratified fraction of train, drawn by seed
-      cache_budget_mb=4096,      # decoded uint8 cache limit; above it, stream with tf.data
+      cache_budget_mb=4096.0,    # decoded uint8 cache limit; above it, stream with tf.data
       num_classes=4,             # synthetic
       num_train=256,             # synthetic
       num_val=64,                # synthetic

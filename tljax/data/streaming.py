@@ -77,7 +77,7 @@ class StreamingSplit:
     options.deterministic = True
     ds = self.make_source(shuffle_seed).with_options(options)
     ds = ds.map(decode_one, num_parallel_calls=self.parallel_calls, deterministic=True)
-    ds = ds.filter(lambda image, label, ok: ok).map(lambda image, label, ok: (image, label))
+    ds = ds.filter(_is_ok).map(_drop_flag)
     return ds
 
   def batches(self, batch_size: int, *, shuffle_seed: int | None, drop_remainder: bool,
@@ -87,6 +87,16 @@ class StreamingSplit:
     if skip_batches:
       ds = ds.skip(skip_batches)
     return ds.prefetch(2).as_numpy_iterator()
+
+
+def _is_ok(image, label, ok):
+  del image, label
+  return ok
+
+
+def _drop_flag(image, label, ok):
+  del ok
+  return image, label
 
 
 def folder_stream(paths: list[str], labels: np.ndarray, class_names: list[str], *, load_size: int,
