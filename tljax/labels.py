@@ -43,11 +43,12 @@ def resolve(labels: str | Sequence[str] | None, num_classes: int | None = None) 
     names = [f'class_{i}' for i in range(expected)]
   elif isinstance(labels, str):
     if labels != IMAGENET1K:
-      raise ValueError(f"unknown label set {labels!r}; use {IMAGENET1K!r} or a list of class names.")
+      raise ValueError(f'unknown label set {labels!r}; use {IMAGENET1K!r} or a list of names.')
     names = imagenet1k()
   else:
     names = [str(n) for n in labels]
   if expected is not None and len(names) != expected:
-    raise ValueError(f'{len(names)} label names for a {num_classes}-class head (expected {expected}); '
+    raise ValueError(f'{len(names)} label names for a {num_classes}-class head '
+                     f'(expected {expected}); '
                      'the metadata labels do not match the model.')
   return names

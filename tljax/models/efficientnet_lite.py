@@ -94,7 +94,8 @@ def block_specs(width: float, depth: float, stem: int = 32) -> tuple[BlockSpec, 
     if 0 < i < last:
       repeats = int(math.ceil(depth * repeats))
     for r in range(repeats):
-      specs.append(BlockSpec(kernel, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
+      first = r == 0
+      specs.append(BlockSpec(kernel, stride if first else 1, expand, cin if first else cout, cout))
   return tuple(specs)
 
 
@@ -169,11 +170,11 @@ class EfficientNetLite(nn.Module):
     x = Conv(self.stem_features, 3, strides=2, padding=_pads(hw or x.shape[1:3], 3, 2),
              dtype=self.dtype, name='conv_stem')(x)
     x = relu6(bn('bn0')(x))
-    hw = hw and _out_size(hw, 2)
+    hw = _out_size(hw, 2) if hw else None
     for i, spec in enumerate(self.blocks):
       rate = self.drop_connect_rate * i / len(self.blocks)
       x = MBConv(spec, drop_connect=rate, pad_hw=hw, dtype=self.dtype, name=f'blocks_{i}')(x, train)
-      hw = hw and _out_size(hw, spec.stride)
+      hw = _out_size(hw, spec.stride) if hw else None
     x = Conv(self.head_features, 1, dtype=self.dtype, name='conv_head')(x)
     return relu6(bn('bn1')(x))
 

