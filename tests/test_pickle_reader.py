@@ -9,6 +9,8 @@ import importlib.util
 import io
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -106,8 +108,8 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, layout):
   assert not marker.exists()
 
 
-@pytest.mark.parametrize('module,name', [('builtins', 'eval'), ('torch.nn.modules.linear', 'Linear'),
-                                         ('__main__', 'Model'), ('torch', 'load')])
+@pytest.mark.parametrize('module,name', [('builtins', 'eval'), ('__main__', 'Model'),
+                                         ('torch.nn.modules.linear', 'Linear'), ('torch', 'load')])
 def test_any_other_global_is_refused_by_name(tmp_path, module, name):
   evil = (b'\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00' + pickle.SHORT_BINUNICODE
           + bytes([len(module)]) + module.encode() + pickle.SHORT_BINUNICODE + bytes([len(name)])
@@ -213,3 +215,15 @@ def test_reader_agrees_with_torch_load_bit_for_bit(tmp_path):
       tensor = tensor.detach()
       tensor = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
       np.testing.assert_array_equal(got[key], tensor.numpy(), err_msg=f'{path}: {key}')
+
+
+@pytest.mark.reference
+def test_loading_and_porting_never_import_torch():
+  """Meaningful where torch is installed: the reader must not even import it."""
+  script = ('import sys\n'
+            'from tljax.porting import pickle_reader, torchvision\n'
+            f'pickle_reader.load_state_dict({fixture("tensors_legacy.pth")!r})\n'
+            f'torchvision.from_torchvision({fixture("resnet_tiny_zip.pth")!r}, "resnet_tiny", 10)\n'
+            'assert "torch" not in sys.modules, "torch was imported"\n')
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr

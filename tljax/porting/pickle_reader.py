@@ -12,8 +12,8 @@ Both on-disk layouts torch has written are supported:
     storages + `<dir>/byteorder`;
   * legacy (`_use_new_zipfile_serialization=False`, older releases): magic
     number, protocol version and sys-info pickles, the main pickle, a pickled
-    list of storage keys, then each storage as an int64 element count and
-    raw bytes.
+    list of storage keys, then each storage as a little-endian int64 element
+    count and its raw little-endian bytes.
 Tensors are materialised only after all storages are read and every view
 is bounds-checked, so a malformed file cannot make numpy read outside a
 storage.
@@ -280,9 +280,9 @@ def _load_legacy(path: str, f) -> Any:
   protocol = header()
   if protocol != LEGACY_PROTOCOL:
     raise PortError(f'{path}: unsupported legacy protocol version {protocol!r}')
-  sys_info = header()
-  big_endian = isinstance(sys_info, dict) and sys_info.get('little_endian') is False
+  header()  # sys_info; torch writes legacy storages little-endian on every platform
   storages: dict[str, _Storage] = {}
+  views: dict[str, _Storage] = {}
 
   def storage_for(args):
     if len(args) != 5:
@@ -297,7 +297,6 @@ def _load_legacy(path: str, f) -> Any:
       raise PortError(f'{path}: malformed storage view {args[4]!r:.80}')
     return views.setdefault(str(view_key), _Storage(str(view_key), stype, size, (root, offset)))
 
-  views: dict[str, _Storage] = {}
   result = _RestrictedUnpickler(f, storage_for, path).load()
   keys = header()
   if not isinstance(keys, list):
@@ -309,14 +308,14 @@ def _load_legacy(path: str, f) -> Any:
     head = f.read(8)
     if len(head) != 8:
       raise PortError(f'{path}: file ends before storage {key} (truncated)')
-    (numel,) = struct.unpack('>q' if big_endian else '<q', head)
+    (numel,) = struct.unpack('<q', head)
     st = storages[key]
     if numel != st.numel:
       raise PortError(f'{path}: storage {key} has {numel} elements on disk, {st.numel} declared')
     nbytes = numel * st.stype.itemsize
     if nbytes > size - f.tell():
       raise PortError(f'{path}: file ends inside storage {key} (truncated)')
-    st.fill(f.read(nbytes), big_endian, path)
+    st.fill(f.read(nbytes), False, path)
   return result
 
 
