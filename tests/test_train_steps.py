@@ -1,0 +1,214 @@
+"""Pure steps: freezing is bit-exact, frozen trunks get no backward pass, losses, devices, caching."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tljax import models, optim, steps
+from tljax.config import phase
+
+SHAPE = (16, 32, 32, 3)
+
+
+def fast_variables(model, shape=SHAPE, seed=0):
+  """Random variables without compiling an init (threefry compiles slowly on busy CPUs)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,) + shape[1:]))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return (rng.standard_normal(s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))).astype(s.dtype)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+    return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(fill, dict(shapes))
+  variables.setdefault('batch_stats', {})
+  return variables
+
+
+def to_input(key, images):
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def make_batch(devices, n=16, seed=0, classes=3):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 255, (n,) + SHAPE[1:], dtype=np.uint8)
+  labels = rng.integers(0, classes, n).astype(np.int32)
+  return {'image': images.reshape((devices, n // devices) + SHAPE[1:]),
+          'label': labels.reshape(devices, n // devices)}
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = models.create('simple_cnn_tiny', 3, head=dict(hidden=(8,), dropout=0.0))
+  variables = fast_variables(model)
+  blocks = optim.backbone_blocks(model, variables['params'], SHAPE)
+  return model, variables, blocks
+
+
+def run_phase(setup, rule, bn, n_steps=3, devices=None, loss='softmax', model=None, variables=None,
+              cached_batches=None, batches=None, optimizer='adam'):
+  base_model, base_vars, blocks = setup
+  model, variables = model or base_model, variables or base_vars
+  devices = devices or jax.local_devices()
+  p = phase('p', trainable=rule, bn=bn, lr=1e-2, optimizer=optimizer)
+  labels = optim.param_labels(variables['params'], rule, blocks)
+  tx = optim.make_optimizer(p, labels, steps_per_epoch=n_steps)
+  state = steps.TrainState(variables['params'], variables['batch_stats'],
+                           tx.init(variables['params']), np.zeros((), np.int32), steps.make_key(0))
+  fns = steps.build_steps(model, tx=tx, labels=labels, train_transform=to_input, loss_kind=loss,
+                          bn_train=bn == 'train', cached=cached_batches is not None,
+                          devices=devices, donate=False)
+  rstate = steps.replicate(state, devices)
+  metrics = []
+  for i in range(n_steps):
+    if cached_batches is not None:
+      batch = cached_batches[i]
+    elif batches is not None:
+      batch = batches[i]
+    else:
+      batch = make_batch(len(devices), seed=i)
+    rstate, m = fns['train'](rstate, batch)
+    metrics.append(m)
+  return steps.unreplicate(rstate), jax.device_get(metrics)
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _bit_equal(a, b):
+  return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_head_only_phase_leaves_backbone_and_stats_bit_identical(setup):
+  _, variables, _ = setup
+  final, _ = run_phase(setup, 'head', 'frozen')
+  before, after = _flat(variables['params']), _flat(final.params)
+  for k in before:
+    if k.startswith('backbone/'):
+      assert _bit_equal(before[k], after[k]), k
+    else:
+      assert not np.array_equal(before[k], after[k]), k
+  for k, v in _flat(variables['batch_stats']).items():
+    assert _bit_equal(v, _flat(final.batch_stats)[k]), k
+  stateful = [x for x in jax.tree.leaves(final.opt_state) if np.ndim(x) > 0]
+  assert sum(x.size for x in stateful) == 2 * optim.count(variables['params'], optim.param_labels(
+      variables['params'], 'head'))['trainable']
+
+
+def test_fine_tune_bn_policy(setup):
+  _, variables, _ = setup
+  frozen_bn, _ = run_phase(setup, 'all', 'frozen', n_steps=2)
+  training_bn, _ = run_phase(setup, 'all', 'train', n_steps=2)
+  stats = _flat(variables['batch_stats'])
+  assert all(_bit_equal(v, _flat(frozen_bn.batch_stats)[k]) for k, v in stats.items())
+  assert all(not np.array_equal(v, _flat(training_bn.batch_stats)[k]) for k, v in stats.items())
+  assert not np.array_equal(variables['params']['backbone']['conv0']['kernel'],
+                            frozen_bn.params['backbone']['conv0']['kernel'])
+
+
+def _flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops']
+
+
+def test_head_only_step_costs_about_one_forward(setup):
+  """No backward pass through a frozen trunk: the head-only step's FLOPs ≈ the forward's."""
+  model, variables, blocks = setup
+  params, stats = variables['params'], variables['batch_stats']
+  x = np.zeros(SHAPE[1:], np.uint8)[None].repeat(SHAPE[0], 0)
+  batch = {'image': x, 'label': np.zeros(SHAPE[0], np.int32)}
+  forward = _flops(lambda v, im: model.apply(v, to_input(None, im)), variables, x)
+  costs = {}
+  for rule in ('head', 'top:1', 'all'):
+    labels = optim.param_labels(params, rule, blocks)
+    tx = optim.make_optimizer(phase('p', trainable=rule), labels, 1)
+    state = steps.TrainState(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
+                             steps.make_key(0))
+    step = functools.partial(steps.train_step, model=model, tx=tx, labels=labels,
+                             transform=to_input, loss_kind='softmax', label_smoothing=0.0,
+                             bn_train=False)
+    vmapped = jax.vmap(step, axis_name=steps.AXIS)
+    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], (state, batch))
+    costs[rule] = _flops(vmapped, *stacked) / forward
+  assert costs["head"] < 1.3, costs
+  assert costs['head'] < costs['top:1'] < costs['all'], costs
+  assert costs['all'] > 2.0, costs
+
+
+def test_multi_device_equals_single_device(setup):
+  one, _ = run_phase(setup, 'all', 'frozen', n_steps=2, devices=jax.local_devices()[:1])
+  eight, _ = run_phase(setup, 'all', 'frozen', n_steps=2, devices=jax.local_devices()[:8])
+  for k, v in _flat(one.params).items():
+    np.testing.assert_allclose(v, _flat(eight.params)[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_softmax_loss_with_label_smoothing_matches_formula():
+  logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], np.float32)
+  labels = np.array([0, 2])
+  eps = 0.1
+  target = np.full((2, 3), eps / 3)
+  target[np.arange(2), labels] += 1 - eps
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = -(target * logp).sum(-1)
+  got = steps.per_example_loss(jnp.asarray(logits), jnp.asarray(labels), 'softmax', eps)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_binary_sigmoid_head_loss_and_predictions():
+  logits = np.array([[1.5], [-0.3], [0.2]], np.float32)
+  labels = np.array([1, 1, 0])
+  p = 1 / (1 + np.exp(-logits[:, 0]))
+  expected = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  np.testing.assert_allclose(steps.per_example_loss(logits, labels, 'sigmoid'), expected, rtol=1e-6)
+  assert steps.predict_classes(jnp.asarray(logits), 'sigmoid').tolist() == [1, 0, 1]
+  assert steps.top_k_correct(jnp.asarray(logits), jnp.asarray(labels), 'sigmoid').tolist() == [
+      True, False, False]
+
+
+def test_binary_head_trains(setup):
+  _, _, blocks = setup
+  model = models.create('simple_cnn_tiny', 1, head=dict(hidden=(8,)))
+  variables = fast_variables(model, seed=1)
+  batch = make_batch(8, classes=2)
+  final, metrics = run_phase(setup, 'head', 'frozen', n_steps=12, loss='sigmoid', model=model,
+                             variables=variables, batches=[batch] * 12)
+  assert metrics[-1]['loss'][0] < 0.8 * metrics[0]['loss'][0]
+
+
+def test_cached_features_step_matches_full_model_step(setup):
+  """A head step on precomputed features is the same computation, dropout included."""
+  base_model, _, blocks = setup
+  model = models.create('simple_cnn_tiny', 3, head=dict(hidden=(8,), dropout=0.5))
+  variables = fast_variables(model, seed=2)
+  batches = [make_batch(8, seed=i) for i in range(3)]
+  state = steps.TrainState(variables['params'], variables['batch_stats'], None,
+                           np.zeros((), np.int32), steps.make_key(0))
+  feature_fn = steps.build_steps(model, train_transform=to_input, pool=True)['features']
+  key = np.zeros((8,) + steps.make_key(0).shape, np.uint32)
+  cached = [{'feature': np.asarray(feature_fn(steps.replicate(state), {'image': b['image']}, key)),
+             'label': b['label']} for b in batches]
+  assert cached[0]['feature'].shape == (8, 2, 16)
+  full, _ = run_phase(setup, 'head', 'frozen', model=model, variables=variables, batches=batches)
+  fast, _ = run_phase(setup, 'head', 'frozen', model=model, variables=variables,
+                      cached_batches=cached)
+  for k, v in _flat(full.params).items():
+    np.testing.assert_allclose(v, _flat(fast.params)[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_bfloat16_compute_keeps_float32_params(setup):
+  _, _, blocks = setup
+  model = models.create('simple_cnn_tiny', 3, head=dict(hidden=(8,)), dtype=jnp.bfloat16)
+  variables = fast_variables(model, seed=3)
+  final, metrics = run_phase(setup, 'all', 'train', n_steps=2, model=model, variables=variables)
+  assert all(v.dtype == np.float32 for v in jax.tree.leaves(final.params))
+  assert np.isfinite(metrics[-1]['loss']).all()

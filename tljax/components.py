@@ -1,0 +1,127 @@
+"""Config → (preprocessing, model, initial variables, data splits).
+
+Kept apart from the training loop because evaluation and prediction need
+exactly the same resolution of defaults: which preprocessing a backbone
+expects, the input and cache sizes, and how pretrained weights are merged
+(strictly, reporting every leaf that was not loaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tljax import models
+from tljax.data import preprocess
+
+_PRESETS = {'torchvision': preprocess.TORCHVISION, 'keras_tf': preprocess.KERAS_TF,
+            'efficientnet_lite': preprocess.EFFICIENTNET_LITE}
+_KERAS_FAMILIES = ('inception_v3', 'mobilenet_v1', 'mobilenet_v2_keras')
+
+
+def preprocessing(config, weights_meta: dict | None = None) -> preprocess.Preprocessing:
+  """Explicit preset > the pretrained weights' metadata > the model family's convention."""
+  if config.preprocessing:
+    pp = _PRESETS[config.preprocessing]
+  elif weights_meta is not None:
+    pp = preprocess.Preprocessing.from_json(weights_meta['preprocessing'])
+  elif config.model.name.startswith('efficientnet_lite'):
+    from tljax.porting.efficientnet_lite import preprocessing_for
+    name = config.model.name if config.model.name != 'efficientnet_lite_tiny' else 'efficientnet_lite0'
+    pp = preprocessing_for(name)
+  elif config.model.name in _KERAS_FAMILIES:
+    pp = preprocess.KERAS_TF
+  else:
+    pp = preprocess.TORCHVISION
+  if config.input_size and config.input_size != pp.input_size:
+    ratio = pp.resize / pp.input_size
+    pp = dataclasses.replace(pp, input_size=config.input_size,
+                             resize=int(round(config.input_size * ratio)))
+  return pp
+
+
+def load_size(config, pp: preprocess.Preprocessing) -> int:
+  """Decoded cache side: the resize side for centre-crop geometries, else the input size."""
+  if config.load_size:
+    return config.load_size
+  return pp.resize if pp.resize_mode == 'shorter' else pp.input_size
+
+
+def compute_dtype(config):
+  return jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+
+
+def create_model(config, num_outputs: int):
+  dtype = compute_dtype(config)
+  head = config.model.head.to_dict()
+  head['hidden'] = tuple(int(h) for h in head['hidden'])
+  return models.create(config.model.name, num_outputs, dtype=dtype, head=head,
+                       **config.model.arch_kw.to_dict())
+
+
+def num_outputs(config, num_classes: int) -> int:
+  if config.loss.kind == 'sigmoid':
+    if num_classes != 2:
+      raise ValueError(f'loss.kind=sigmoid needs exactly 2 classes, the data has {num_classes}; '
+                       "use loss.kind='softmax' or select two classes with data.classes.")
+    return 1
+  return num_classes
+
+
+def pretrained_weights(config) -> tuple[dict | None, dict | None]:
+  """(variables, metadata) of the configured pretrained weights, or (None, None)."""
+  src = config.pretrained.source
+  if src == 'none':
+    return None, None
+  if src == 'dir':
+    from tljax.porting import weights_io
+    variables, meta = weights_io.load_weights(config.pretrained.path)
+    if meta.get('arch') not in (None, config.model.name):
+      logging.warning('pretrained weights are for %s, the model is %s', meta['arch'],
+                      config.model.name)
+    return variables, meta
+  from tljax.porting import efficientnet_lite as effnet
+  arch = config.model.name
+  path = config.pretrained.path or effnet.shipped_weights_path(arch)
+  variables = effnet.from_efficientnet_lite(path, arch, num_classes=1000)
+  meta = {'arch': arch, 'preprocessing': effnet.preprocessing_for(arch).to_json(),
+          'source': path}
+  return variables, meta
+
+
+def init_variables(config, model, rng, input_size: int,
+                   pretrained: dict | None) -> tuple[dict, list[str]]:
+  """Fresh variables, with every pretrained leaf merged in; returns (variables, not_loaded)."""
+  from tljax.porting.merge import check_and_merge
+  # Parameter shapes do not depend on the spatial size unless the head flattens.
+  size = input_size if config.model.head.pool == 'flatten' else min(input_size, 64)
+  variables = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.float32))
+  variables = jax.tree.map(np.asarray, dict(variables))
+  variables.setdefault('batch_stats', {})
+  if pretrained is None:
+    return variables, []
+  merged, not_loaded = check_and_merge(variables, pretrained, dont_load=config.pretrained.dont_load,
+                                       what='pretrained weights')
+  merged.setdefault('batch_stats', {})
+  logging.info('pretrained: %d leaves not loaded (fresh init): %s', len(not_loaded), not_loaded)
+  return merged, not_loaded
+
+
+def zero_variables(config, model, input_size: int) -> dict:
+  """Zeros shaped like the model's variables (a restore target; nothing is compiled)."""
+  size = input_size if config.model.head.pool == 'flatten' else min(input_size, 64)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+  variables.setdefault('batch_stats', {})
+  return variables
+
+
+def load_data(config, pp: preprocess.Preprocessing) -> dict[str, Any]:
+  from tljax.data import load_splits
+  return load_splits(config.data, load_size=load_size(config, pp), seed=config.seed,
+                     preprocessing=pp)

@@ -1,0 +1,202 @@
+"""The training config schema: defaults, the tiny test switch, and validation.
+
+Every recipe in `configs/` starts from `base_config()` and changes fields, so
+all recipes share one set of keys and `--config.x=…` overrides are checked
+against it (the config is locked). `validate` runs before any data or weights
+are touched, so a typo in a launch flag costs a second, not an epoch.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_collections
+
+from tljax.data.config import (default_augment_config, default_data_config, validate_augment_config,
+                               validate_data_config)
+
+OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
+SCHEDULES = ('constant', 'cosine')
+BN_POLICIES = ('frozen', 'train')
+LOSSES = ('softmax', 'sigmoid')
+DTYPES = ('float32', 'bfloat16')
+PRETRAINED = ('none', 'dir', 'efficientnet_lite')
+PREPROCESSING = ('', 'torchvision', 'keras_tf', 'efficientnet_lite')
+POOLS = ('avg', 'max', 'flatten')
+_TRAINABLE_TERM = re.compile(r'^(head|all|top:\d+|stages:\d+|re:.+)$')
+
+
+def phase(name: str, **kw) -> ml_collections.ConfigDict:
+  """One training phase; unspecified fields take these defaults."""
+  p = ml_collections.ConfigDict(dict(
+      name=name,
+      epochs=1,
+      # '+'-joined terms: head | all | top:N (last N backbone blocks in execution order) |
+      # stages:N (last N name-prefix groups) | re:<regex on 'backbone/…/kernel' paths>.
+      trainable='head',
+      optimizer='adam',
+      lr=1e-3,
+      momentum=0.9,          # sgd; rmsprop when > 0 (Keras RMSprop has none: set 0)
+      b1=0.9, b2=0.999,      # adam/adamw
+      eps=1e-7,              # Keras' default for Adam/RMSprop
+      rmsprop_decay=0.9,
+      weight_decay=0.0,      # on trainable kernels only
+      schedule='constant',
+      warmup_epochs=0.0,
+      end_lr_factor=0.0,     # cosine: final lr = lr * end_lr_factor
+      grad_clip=0.0,         # global-norm clip, 0 = off
+      bn='frozen',           # frozen: running statistics used, never updated
+      augment=True,          # False: the eval transform (resize + normalise) only
+      cache_features=True,   # head-only + frozen BN + deterministic inputs → features computed once
+      cache_views=0,         # >0: K pre-drawn augmented views cached (view = epoch % K)
+  ))
+  for k, v in kw.items():
+    if k not in p:
+      raise KeyError(f'phase {name!r}: unknown field {k!r}; known: {", ".join(sorted(p.keys()))}')
+    p[k] = v
+  return p
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      name='simple_cnn_tiny',
+      dtype='float32',       # compute dtype; parameters stay float32
+      head=ml_collections.ConfigDict(dict(pool='avg', hidden=(), activation='relu', dropout=0.0)),
+      arch_kw=ml_collections.ConfigDict(),
+  ))
+  c.pretrained = ml_collections.ConfigDict(dict(
+      source='none',         # dir: a `python -m tljax.port` directory; efficientnet_lite: shipped .pth
+      path='',
+      dont_load=(r'^(params|batch_stats)/head/',),  # regexes; the new head is always fresh
+  ))
+  c.preprocessing = ''       # '' = from the weights' metadata, else the model family's preset
+  c.input_size = 0           # 0 = the preprocessing's input size
+  c.load_size = 0            # decoded cache size; 0 = input size (crops then zoom in)
+  c.data = default_data_config()
+  c.augment = default_augment_config()
+  c.loss = ml_collections.ConfigDict(dict(kind='softmax', label_smoothing=0.0))
+  c.batch_size = 32          # global, divisible by the number of local devices
+  c.eval_batch_size = 0      # 0 = batch_size
+  c.phases = (phase('head'),)
+  c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_steps=0, keep=2, best=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=10, progress=True, tensorboard=True, plots=True))
+  c.eval = ml_collections.ConfigDict(dict(split='val', checkpoint='latest', every_epochs=1))
+  c.predict = ml_collections.ConfigDict(dict(images=(), top_k=5))
+  # Each variant: `name` plus any top-level fields that replace the base's; the job runs them in
+  # sequence under workdir/<name> and prints one comparison table.
+  c.variants = ()
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The test switch: same code path, a tiny model on synthetic data, a few steps."""
+  c.model.name = 'efficientnet_lite_tiny' if c.model.name.startswith('efficientnet') else 'simple_cnn_tiny'
+  c.model.arch_kw = ml_collections.ConfigDict()
+  c.model.head.hidden = tuple(min(h, 16) for h in c.model.head.hidden)
+  c.pretrained.source = 'none'
+  c.input_size = 32
+  c.load_size = 40
+  c.data = default_data_config()
+  c.data.update(dict(source='synthetic', num_classes=3, num_train=48, num_val=24, num_test=24))
+  c.batch_size = 16
+  c.phases = tuple(phase(**{**p.to_dict(), 'epochs': 1}) for p in c.phases)
+  c.log.tensorboard = False
+  c.log.plots = False
+  c.variants = tuple(_tiny_variant(v) for v in c.variants)
+  return c
+
+
+def _tiny_variant(v):
+  v = ml_collections.ConfigDict(v.to_dict())
+  if 'pretrained' in v:
+    v.pretrained.source = 'none'
+  if 'phases' in v:
+    v.phases = tuple(phase(**{**p, 'epochs': 1}) for p in v.to_dict()['phases'])
+  return v
+
+
+def _fail(field: str, value, expected: str):
+  raise ValueError(f'config: {field}={value!r} is invalid; {expected}.')
+
+
+def _choice(field, value, options):
+  if value not in options:
+    _fail(field, value, 'use one of ' + ', '.join(repr(o) for o in options))
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field, the bad value and what is allowed."""
+  from tljax import models
+  _choice('model.name', c.model.name, models.NAMES)
+  _choice('model.dtype', c.model.dtype, DTYPES)
+  _choice('model.head.pool', c.model.head.pool, POOLS)
+  if not 0.0 <= c.model.head.dropout < 1.0:
+    _fail('model.head.dropout', c.model.head.dropout, 'expected 0 <= dropout < 1')
+  if any(int(h) < 1 for h in c.model.head.hidden):
+    _fail('model.head.hidden', c.model.head.hidden, 'widths must be >= 1')
+  _choice('pretrained.source', c.pretrained.source, PRETRAINED)
+  if c.pretrained.source == 'dir' and not c.pretrained.path:
+    _fail('pretrained.path', c.pretrained.path,
+          'set the ported-weights directory (create it with `python -m tljax.port`)')
+  _choice('preprocessing', c.preprocessing, PREPROCESSING)
+  _choice('loss.kind', c.loss.kind, LOSSES)
+  if not 0.0 <= c.loss.label_smoothing < 1.0:
+    _fail('loss.label_smoothing', c.loss.label_smoothing, 'expected 0 <= smoothing < 1')
+  for field in ('input_size', 'load_size', 'eval_batch_size'):
+    if c[field] < 0:
+      _fail(field, c[field], 'expected >= 0 (0 = default)')
+  if c.batch_size < 1:
+    _fail('batch_size', c.batch_size, 'expected >= 1')
+  if not c.phases:
+    _fail('phases', c.phases, 'declare at least one phase')
+  names = [p.name for p in c.phases]
+  if len(set(names)) != len(names):
+    _fail('phases', names, 'phase names must be unique')
+  for i, p in enumerate(c.phases):
+    _validate_phase(f'phases[{i}]', p)
+  if c.checkpoint.every_steps < 0 or c.checkpoint.keep < 1:
+    _fail('checkpoint', (c.checkpoint.every_steps, c.checkpoint.keep),
+          'need every_steps >= 0 and keep >= 1')
+  if c.log.every_steps < 1:
+    _fail('log.every_steps', c.log.every_steps, 'expected >= 1')
+  _choice('eval.checkpoint', c.eval.checkpoint, ('latest', 'best'))
+  _choice('eval.split', c.eval.split, ('train', 'val', 'test'))
+  validate_data_config(c.data)
+  validate_augment_config(c.augment)
+  for v in c.variants:
+    if 'name' not in v or not re.fullmatch(r'[A-Za-z0-9_.-]+', v.name):
+      _fail('variants', v, 'each variant needs a file-name-safe `name`')
+    unknown = set(v.keys()) - set(c.keys()) - {'name'}
+    if unknown:
+      _fail(f'variants[{v.name}]', sorted(unknown), 'variants may only set top-level config fields')
+
+
+def _validate_phase(where: str, p) -> None:
+  missing = set(phase('x').keys()) - set(p.keys())
+  if missing:
+    _fail(where, sorted(missing), 'build phases with tljax.config.phase(...)')
+  if p.epochs < 0:
+    _fail(f'{where}.epochs', p.epochs, 'expected >= 0 (0 skips the phase)')
+  for term in str(p.trainable).split('+'):
+    if not _TRAINABLE_TERM.match(term):
+      _fail(f'{where}.trainable', p.trainable,
+            "use '+'-joined terms: head, all, top:N, stages:N, re:<regex>")
+    if term.startswith('re:'):
+      try:
+        re.compile(term[3:])
+      except re.error as e:
+        _fail(f'{where}.trainable', term, f'bad regex ({e})')
+  _choice(f'{where}.optimizer', p.optimizer, OPTIMIZERS)
+  _choice(f'{where}.schedule', p.schedule, SCHEDULES)
+  _choice(f'{where}.bn', p.bn, BN_POLICIES)
+  if not p.lr > 0:
+    _fail(f'{where}.lr', p.lr, 'expected > 0')
+  for field in ('weight_decay', 'warmup_epochs', 'grad_clip', 'momentum', 'cache_views'):
+    if p[field] < 0:
+      _fail(f'{where}.{field}', p[field], 'expected >= 0')
+  if not 0.0 <= p.end_lr_factor <= 1.0:
+    _fail(f'{where}.end_lr_factor', p.end_lr_factor, 'expected 0 <= factor <= 1')
+  if p.warmup_epochs > p.epochs:
+    _fail(f'{where}.warmup_epochs', p.warmup_epochs, f'longer than the phase ({p.epochs} epochs)')

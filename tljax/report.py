@@ -1,0 +1,213 @@
+"""Everything a run leaves in its workdir for a researcher to read.
+
+`config.json` and `metrics.jsonl` make a workdir self-describing; plots and
+summary tables are generated from them (never typed by hand), so they can be
+rebuilt after the fact and a resumed run's history stays consistent: on
+resume the log is truncated back to the checkpoint's line count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_JSON = 'summary.json'
+
+
+def jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray)):
+    return x.tolist()
+  return x
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Reporter:
+  """metrics.jsonl + TensorBoard + a plain-text progress bar on stderr."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, progress: bool = True):
+    self.workdir = workdir
+    os.makedirs(workdir, exist_ok=True)
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self.lines = len(read_metrics(workdir))
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._progress = progress
+    self._tty = sys.stderr.isatty()
+    self._bar_start = time.time()
+
+  def write_config(self, config) -> None:
+    with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  def truncate(self, lines: int) -> None:
+    """Drops records written after the checkpoint being resumed from."""
+    records = read_metrics(self.workdir)[:lines]
+    with open(self._path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+    self.lines = len(records)
+
+  def log(self, record: Mapping[str, Any]) -> None:
+    """One JSON line; numeric fields also go to TensorBoard as '<kind>/<field>'."""
+    record = jsonable(dict(record))
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    self.lines += 1
+    if self._tb is not None:
+      for key, value in record.items():
+        if key not in ('step', 'epoch') and isinstance(value, (int, float)):
+          self._tb.add_scalar(f'{record.get("kind", "misc")}/{key}', value, record['step'])
+      self._tb.flush()
+
+  def start_epoch(self) -> None:
+    self._bar_start = time.time()
+
+  def progress(self, label: str, done: int, total: int, metrics: Mapping[str, float],
+               images: int) -> None:
+    if not self._progress:
+      return
+    if not self._tty and done < total:
+      return
+    width = 24
+    filled = int(width * done / max(total, 1))
+    elapsed = max(time.time() - self._bar_start, 1e-9)
+    stats = ' '.join(f'{k} {v:.4f}' for k, v in metrics.items())
+    line = (f'{label} [{"#" * filled}{"." * (width - filled)}] {done}/{total} {stats} '
+            f'{images / elapsed:.1f} img/s {elapsed:.0f}s')
+    sys.stderr.write(('\r' if self._tty else '') + line + ('\n' if done >= total else ''))
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_curves(workdir: str) -> str | None:
+  """learning_curves.png: loss and accuracy per step, a dashed line at each phase switch."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, field in zip(axes, ('loss', 'accuracy')):
+    for kind, style in (('train', '-'), ('val', 'o-')):
+      pts = [(r['step'], r[field]) for r in records if r.get('kind') == kind and field in r]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, style, label=kind, markersize=3)
+    ax.set_xlabel('step')
+    ax.set_title(field)
+  switches = [(r['step'], r['phase']) for r in records if r.get('kind') == 'phase_start']
+  for ax in axes:
+    for step, name in switches:
+      ax.axvline(step, color='gray', linestyle='--', linewidth=1)
+      ax.text(step, ax.get_ylim()[1], f' {name}', va='top', fontsize=8, color='gray')
+    ax.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, 'learning_curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_confusion(workdir: str, name: str, matrix: np.ndarray, class_names: Sequence[str]) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  n = len(class_names)
+  size = max(4.0, 0.45 * n + 2)
+  fig, ax = plt.subplots(figsize=(size, size))
+  ax.imshow(matrix, cmap='Blues')
+  ax.set_xticks(range(n), class_names, rotation=60, ha='right', fontsize=8)
+  ax.set_yticks(range(n), class_names, fontsize=8)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  if n <= 30:
+    peak = matrix.max() if matrix.size else 0
+    for i in range(n):
+      for j in range(n):
+        ax.text(j, i, int(matrix[i, j]), ha='center', va='center', fontsize=7,
+                color='white' if matrix[i, j] > peak / 2 else 'black')
+  ax.set_title(f'confusion matrix: {name}')
+  fig.tight_layout()
+  path = os.path.join(workdir, f'confusion_{name}.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _pct(x) -> str:
+  return '—' if x is None else f'{100 * x:.2f}%'
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+  """Per-phase results, per-class accuracy and timing as markdown."""
+  lines = [f'## {summary.get("title", "Run summary")}', '',
+           '| phase | trainable | epochs | val acc | val top-5 | test acc | test top-5 | time (s) |',
+           '|---|---|---:|---:|---:|---:|---:|---:|']
+  for p in summary['phases']:
+    val, test = p.get('val') or {}, p.get('test') or {}
+    lines.append(f'| {p["name"]} | {p["trainable"]} | {p["epochs"]} | {_pct(val.get("accuracy"))} | '
+                 f'{_pct(val.get("top5"))} | {_pct(test.get("accuracy"))} | '
+                 f'{_pct(test.get("top5"))} | {p.get("seconds", 0):.1f} |')
+  final = summary.get('final', {})
+  splits = [s for s in ('val', 'test') if s in final]
+  if splits:
+    names = final[splits[0]]['class_names']
+    lines += ['', '| class | ' + ' | '.join(f'{s} acc' for s in splits) + ' |',
+              '|---|' + '---:|' * len(splits)]
+    for i, name in enumerate(names):
+      lines.append(f'| {name} | ' + ' | '.join(_pct(final[s]['per_class'][i]) for s in splits) + ' |')
+  notes = summary.get('notes', [])
+  if notes:
+    lines += [''] + [f'- {n}' for n in notes]
+  return '\n'.join(lines) + '\n'
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
+  text = summary_markdown(summary)
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(workdir, SUMMARY_JSON), 'w') as f:
+    json.dump(jsonable(dict(summary)), f, indent=2)
+  return text
+
+
+def comparison_markdown(workdir: str, variants: Sequence[str]) -> str:
+  """One row per (variant, phase) read back from each variant's summary.json."""
+  lines = ['| run | val acc | val top-5 | test acc | time (s) |', '|---|---:|---:|---:|---:|']
+  for name in variants:
+    with open(os.path.join(workdir, name, SUMMARY_JSON)) as f:
+      summary = json.load(f)
+    phases = summary['phases']
+    elapsed = 0.0
+    for p in phases:
+      elapsed += p.get('seconds', 0.0)
+      label = name if len(phases) == 1 else f'{name}: {p["name"]}'
+      val, test = p.get('val') or {}, p.get('test') or {}
+      lines.append(f'| {label} | {_pct(val.get("accuracy"))} | {_pct(val.get("top5"))} | '
+                   f'{_pct(test.get("accuracy"))} | {elapsed:.1f} |')
+  text = '\n'.join(lines) + '\n'
+  with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
+    f.write(text)
+  return text

@@ -1,0 +1,393 @@
+"""Phased transfer learning in one job: head-only, then unfreeze at a low learning rate.
+
+`train_and_evaluate(config, workdir)` runs the config's phases in sequence on
+every local device. Switching phase relabels the parameters and rebuilds the
+optimizer (fresh state for the new labels) while params and batch statistics
+carry over. The position (phase, epoch, step in epoch) is checkpointed with
+the state, and every random draw is a function of (seed, step), so a run
+killed at any point and restarted with the same command ends with the same
+bits as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from tljax import components, evaluate, optim, report, steps
+from tljax.checkpoint import Checkpointer
+from tljax.config import validate
+from tljax.steps import TrainState
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains every phase (or every variant) and returns the run summary."""
+  validate(config)
+  if config.variants:
+    return run_variants(config, workdir)
+  return _Run(config, workdir).run()
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant) -> ml_collections.ConfigDict:
+  """The base config with the variant's fields replacing (recursively) the base's."""
+  cfg = copy.deepcopy(config)
+
+  def merge(dst, src):
+    for key in src.keys():
+      if key == 'name' and dst is cfg:
+        continue
+      value = src[key]
+      if isinstance(value, ml_collections.ConfigDict) and isinstance(dst[key], ml_collections.ConfigDict):
+        merge(dst[key], value)
+      else:
+        dst[key] = copy.deepcopy(value)
+
+  with cfg.unlocked():
+    merge(cfg, variant)
+    cfg.variants = ()
+  return cfg
+
+
+def run_variants(config, workdir: str) -> dict[str, Any]:
+  """Runs each variant under `workdir/<name>`; prints and writes the comparison table."""
+  summaries = {}
+  for variant in config.variants:
+    print(f'=== variant {variant.name} ===', flush=True)
+    summaries[variant.name] = train_and_evaluate(apply_variant(config, variant),
+                                                 os.path.join(workdir, variant.name))
+  table = report.comparison_markdown(workdir, [v.name for v in config.variants])
+  print('\n' + table, flush=True)
+  return {'variants': summaries, 'table': table}
+
+
+def _with_features(batches, features: np.ndarray):
+  """Swaps each batch's images for the cached features of the same examples (same order)."""
+  for b in batches:
+    yield {'feature': features[b['index']], 'label': b['label']}
+
+
+class _Run:
+
+  def __init__(self, config, workdir: str):
+    from tljax.data import augment, batching
+    self.config, self.workdir, self.batching = config, workdir, batching
+    n_dev = jax.local_device_count()
+    self.eval_bs = config.eval_batch_size or config.batch_size
+    for field, size in (('batch_size', config.batch_size), ('eval_batch_size', self.eval_bs)):
+      if size % n_dev:
+        raise ValueError(f'{field}={size} is not divisible by the {n_dev} local devices; '
+                         f'use a multiple of {n_dev}.')
+    self.reporter = report.Reporter(workdir, tensorboard=config.log.tensorboard,
+                                    progress=config.log.progress)
+    self.reporter.write_config(config)
+    pretrained, weights_meta = components.pretrained_weights(config)
+    self.pp = pp = components.preprocessing(config, weights_meta)
+    self.splits = components.load_data(config, pp)
+    self.train_split = self.splits['train']
+    self.class_names = list(self.train_split.class_names)
+    self.model = components.create_model(
+        config, components.num_outputs(config, len(self.class_names)))
+    init_key = jax.random.fold_in(steps.wrap_key(steps.make_key(config.seed)), 0x1417)
+    self.variables, self.not_loaded = components.init_variables(config, self.model, init_key,
+                                                                pp.input_size, pretrained)
+    size = pp.input_size
+    self.blocks = optim.backbone_blocks(self.model, self.variables['params'], (1, size, size, 3))
+    self.spe = batching.steps_per_epoch(len(self.train_split), config.batch_size)
+    if self.spe < 1:
+      raise ValueError(f'{len(self.train_split)} training examples make no batch of '
+                       f'{config.batch_size}; lower batch_size.')
+    dtype = components.compute_dtype(config)
+    self.eval_tf = lambda x: augment.eval_transform(x, size, pp, dtype=dtype)
+    self.aug_tf = lambda key, x: augment.train_transform(key, x, config.augment, size, pp,
+                                                         dtype=dtype)
+    self.ckpt = (Checkpointer(workdir, keep=config.checkpoint.keep, best=config.checkpoint.best)
+                 if config.checkpoint.enabled else None)
+    self._sigterm = False
+    self.notes = []
+    if self.not_loaded:
+      self.notes.append(f'pretrained: {len(self.not_loaded)} leaves not loaded (fresh init): '
+                        + ', '.join(self.not_loaded))
+    skipped = sum(len(getattr(s, 'skipped', [])) for s in self.splits.values())
+    if skipped:
+      self.notes.append(f'data: {skipped} unreadable files skipped (see the log for each)')
+
+  # ---- the job ----
+
+  def run(self) -> dict[str, Any]:
+    config = self.config
+    state = TrainState(params=self.variables['params'], batch_stats=self.variables['batch_stats'],
+                       opt_state=None, step=np.zeros((), np.int32),
+                       rng=steps.make_key(config.seed))
+    meta = {'phase': 0, 'epoch': 0, 'step_in_epoch': 0, 'step': 0, 'log_lines': 0,
+            'phases': {}, 'best_val': -1.0}
+    restored = self.ckpt.restore_latest(self._target) if self.ckpt else None
+    if restored:
+      saved, meta = restored
+      state = TrainState(params=saved['model']['params'], batch_stats=saved['model']['batch_stats'],
+                         opt_state=saved['opt_state'], step=saved['step'], rng=saved['rng'])
+      print(f'resuming from step {meta["step"]} (phase {config.phases[meta["phase"]].name}, '
+            f'epoch {meta["epoch"]}, step {meta["step_in_epoch"]} of the epoch)', flush=True)
+    self.reporter.truncate(meta['log_lines'])
+    try:
+      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread: preemption is the caller's business
+      previous = None
+    try:
+      for index, phase in enumerate(config.phases):
+        if index < meta['phase'] or phase.epochs == 0:
+          continue
+        resuming = restored is not None and index == meta['phase']
+        if resuming and meta['epoch'] >= phase.epochs:
+          continue
+        state = self._run_phase(index, phase, state, meta, resuming)
+    finally:
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+      if self.ckpt:
+        self.ckpt.wait()
+    summary = self._finish(state, meta)
+    if self.ckpt:
+      self.ckpt.close()
+    self.reporter.close()
+    return summary
+
+  def _on_sigterm(self, signum, frame):
+    self._sigterm = True
+
+  def _target(self, meta) -> dict:
+    """Example trees for restoring a checkpoint written during phase `meta['phase']`."""
+    phase = self.config.phases[meta['phase']]
+    labels = optim.param_labels(self.variables['params'], phase.trainable, self.blocks)
+    tx = optim.make_optimizer(phase, labels, self.spe)
+    return {'model': {'params': self.variables['params'],
+                      'batch_stats': self.variables['batch_stats']},
+            'train': {'opt_state': jax.tree.map(np.asarray, tx.init(self.variables['params'])),
+                      'step': np.zeros((), np.int32), 'rng': steps.make_key(0)}}
+
+  def _train_transform(self, phase):
+    return self.aug_tf if phase.augment else (lambda key, x: self.eval_tf(x))
+
+  def _can_cache(self, phase, labels) -> bool:
+    from tljax.data import Split
+    trainable, _ = optim.split(self.variables['params'], labels)
+    if not (phase.cache_features and phase.bn == 'frozen'
+            and all(k.startswith('head/') for k in trainable)):
+      return False
+    if phase.augment and not phase.cache_views:
+      return False
+    return all(isinstance(s, Split) for s in self.splits.values())
+
+  def _run_phase(self, index: int, phase, state: TrainState, meta: dict, resuming: bool):
+    config, batching = self.config, self.batching
+    labels = optim.param_labels(state.params, phase.trainable, self.blocks)
+    tx = optim.make_optimizer(phase, labels, self.spe)
+    counts = optim.count(state.params, labels)
+    if not resuming:
+      state = state.replace(opt_state=tx.init(state.params))
+      meta.update(phase=index, epoch=0, step_in_epoch=0)
+      self.reporter.log({'kind': 'phase_start', 'step': meta['step'], 'phase': phase.name,
+                         'trainable_params': counts['trainable'], 'frozen_params': counts['frozen']})
+    record = meta['phases'].setdefault(phase.name, {'seconds': 0.0})
+    start_time = time.time() - record['seconds']
+    cached = self._can_cache(phase, labels)
+    fns = steps.build_steps(self.model, tx=tx, labels=labels,
+                            train_transform=self._train_transform(phase),
+                            eval_transform=self.eval_tf, loss_kind=config.loss.kind,
+                            label_smoothing=config.loss.label_smoothing,
+                            bn_train=phase.bn == 'train',
+                            pool=config.model.head.pool in ('avg', 'max'))
+    rstate = steps.replicate(state)
+    features = None
+    if cached:
+      features = self._cache_features(fns['features'], rstate, phase)
+      cached_fns = steps.build_steps(self.model, tx=tx, labels=labels, train_transform=None,
+                                     eval_transform=lambda x: x, loss_kind=config.loss.kind,
+                                     label_smoothing=config.loss.label_smoothing, cached=True)
+      train_fn, eval_fn = cached_fns['train'], cached_fns['eval']
+    else:
+      train_fn, eval_fn = fns['train'], fns['eval']
+    epoch_offset = sum(p.epochs for p in config.phases[:index])
+    every = config.checkpoint.every_steps
+    for epoch in range(meta['epoch'], phase.epochs):
+      start = meta['step_in_epoch']
+      data_epoch = epoch_offset + epoch
+      batches = batching.train_batches(self.train_split, config.batch_size, seed=config.seed,
+                                       epoch=data_epoch, start_step=start)
+      if features is not None:
+        views = features['train']
+        batches = _with_features(batches, views[data_epoch % len(views)])
+      else:
+        batches = ({'image': b['image'], 'label': b['label']} for b in batches)
+      batches = batching.prefetch(batches, buffer_size=2)
+      label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
+      self.reporter.start_epoch()
+      pending, shown = [], {}
+      for i, batch in enumerate(batches, start):
+        rstate, m = train_fn(rstate, batch)
+        pending.append(m)
+        meta['step'] += 1
+        meta['step_in_epoch'] = i + 1
+        if meta['step'] % config.log.every_steps == 0 or i + 1 == self.spe:
+          shown = {k: float(np.mean([np.asarray(x[k])[0] for x in jax.device_get(pending)]))
+                   for k in pending[0]}
+          pending = []
+          self.reporter.log({'kind': 'train', 'step': meta['step'], 'phase': phase.name,
+                             'epoch': data_epoch + (i + 1) / self.spe,
+                             'lr': float(optim.schedule(phase, self.spe)(
+                                 meta['step'] - self._phase_start_step(index, meta))), **shown})
+          self.reporter.progress(label, i + 1 - start, self.spe - start, shown,
+                                 (i + 1 - start) * config.batch_size)
+        if (every and meta['step'] % every == 0) or self._sigterm:
+          record['seconds'] = time.time() - start_time
+          self._save(rstate, meta)
+          if self._sigterm:
+            raise Preempted(f'SIGTERM: saved the checkpoint of step {meta["step"]} in '
+                            f'{self.workdir}; re-run the same command to resume.')
+      meta['epoch'], meta['step_in_epoch'] = epoch + 1, 0
+      last = epoch + 1 == phase.epochs
+      if last or (epoch + 1) % config.eval.every_epochs == 0:
+        val = self._evaluate(eval_fn, rstate, 'val', features)
+        self.reporter.log({'kind': 'val', 'step': meta['step'], 'phase': phase.name,
+                           'epoch': data_epoch + 1, **evaluate.scalars(val)})
+        if val['accuracy'] > meta['best_val'] and self.ckpt:
+          meta['best_val'] = val['accuracy']
+          self.ckpt.save_best(meta['step'], _model_vars(rstate), {**meta, 'val': val['accuracy']})
+        if last:
+          record['val'] = val
+          if 'test' in self.splits:
+            record['test'] = self._evaluate(fns['eval'], rstate, 'test', None)
+            self.reporter.log({'kind': 'test', 'step': meta['step'], 'phase': phase.name,
+                               **evaluate.scalars(record['test'])})
+      record['seconds'] = time.time() - start_time
+      self._save(rstate, meta)
+      if self._sigterm:
+        raise Preempted(f'SIGTERM: saved step {meta["step"]}; re-run the same command to resume.')
+    record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
+                  trainable_params=counts['trainable'], frozen_params=counts['frozen'])
+    return _unreplicate_state(rstate)
+
+  def _phase_start_step(self, index: int, meta: dict) -> int:
+    done = sum(p.epochs for p in self.config.phases[:index])
+    return done * self.spe
+
+  def _save(self, rstate, meta: dict) -> None:
+    if not self.ckpt:
+      return
+    meta['log_lines'] = self.reporter.lines
+    host = _unreplicate_state(rstate)
+    self.ckpt.save(meta['step'], {'model': {'params': host.params, 'batch_stats': host.batch_stats},
+                                  'opt_state': host.opt_state, 'step': host.step, 'rng': host.rng},
+                   _meta_json(meta))
+
+  # ---- features and evaluation ----
+
+  def _cache_features(self, fn, rstate, phase) -> dict[str, list[np.ndarray]]:
+    """Backbone outputs of train (K views) and val, computed once for a head-only phase."""
+    t0 = time.time()
+    n_views = max(1, phase.cache_views) if phase.augment else 1
+    base = jax.random.fold_in(steps.wrap_key(steps.make_key(self.config.seed)), 0xFEA7)
+    train = [self._features(fn, rstate, self.train_split, jax.random.fold_in(base, v))
+             for v in range(n_views)]
+    eval_fn = steps.build_steps(self.model, train_transform=lambda key, x: self.eval_tf(x),
+                                pool=self.config.model.head.pool in ('avg', 'max'))['features']
+    val = self._features(eval_fn if phase.augment else fn, rstate, self.splits['val'], base)
+    megabytes = (sum(t.nbytes for t in train) + val.nbytes) / 2**20
+    self.notes.append(f'phase {phase.name}: backbone features cached once ({n_views} view(s), '
+                      f'{megabytes:.1f} MB) in {time.time() - t0:.1f}s')
+    return {'train': train, 'val': [val]}
+
+  def _features(self, fn, rstate, split, key) -> np.ndarray:
+    n_dev = jax.local_device_count()
+    outs = []
+    for j, batch in enumerate(self.batching.eval_batches(split, self.eval_bs)):
+      k = np.asarray(jax.random.key_data(jax.random.fold_in(key, j)))
+      k = np.broadcast_to(k, (n_dev,) + k.shape)
+      outs.append((fn(rstate, {'image': batch['image']}, k), batch['mask'].reshape(-1),
+                   batch['index'].reshape(-1)))
+    feats = None
+    for out, mask, index in outs:
+      out = np.asarray(out).reshape((-1,) + out.shape[2:])
+      if feats is None:
+        feats = np.zeros((len(split),) + out.shape[1:], out.dtype)
+      feats[index[mask]] = out[mask]
+    return feats
+
+  def _feature_eval_batches(self, feats: np.ndarray, labels: np.ndarray):
+    n_dev = jax.local_device_count()
+    per = self.eval_bs // n_dev
+    for start in range(0, len(labels), self.eval_bs):
+      f, lab = feats[start:start + self.eval_bs], labels[start:start + self.eval_bs]
+      pad = self.eval_bs - len(lab)
+      mask = np.arange(self.eval_bs) < len(lab)
+      f = np.concatenate([f, np.zeros((pad,) + f.shape[1:], f.dtype)])
+      lab = np.concatenate([lab, np.zeros(pad, lab.dtype)])
+      yield {'feature': f.reshape((n_dev, per) + f.shape[1:]), 'label': lab.reshape(n_dev, per),
+             'mask': mask.reshape(n_dev, per)}
+
+  def _evaluate(self, eval_fn, rstate, split_name: str, features) -> dict[str, Any]:
+    split = self.splits[split_name]
+    if features is not None and split_name in features:
+      batches = self._feature_eval_batches(features[split_name][0], split.labels)
+    else:
+      batches = self.batching.eval_batches(split, self.eval_bs)
+    return evaluate.metrics(evaluate.collect(eval_fn, rstate, batches), self.class_names)
+
+  # ---- outputs ----
+
+  def _finish(self, state: TrainState, meta: dict) -> dict[str, Any]:
+    config = self.config
+    phases = []
+    for p in config.phases:
+      if p.name in meta['phases']:
+        phases.append({'name': p.name, **meta['phases'][p.name]})
+    last = phases[-1] if phases else {}
+    final = {s: last[s] for s in ('val', 'test') if s in last}
+    summary = {'title': f'{config.model.name} on {config.data.source} {config.data.name}'.strip(),
+               'workdir': self.workdir, 'step': meta['step'], 'devices': jax.local_device_count(),
+               'phases': phases, 'final': final, 'notes': self.notes}
+    text = report.write_summary(self.workdir, summary)
+    print('\n' + text, flush=True)
+    if config.log.plots:
+      report.plot_curves(self.workdir)
+      for split, m in final.items():
+        report.plot_confusion(self.workdir, split, np.asarray(m['confusion']), self.class_names)
+    self._export(state)
+    return summary
+
+  def _export(self, state: TrainState) -> None:
+    """A ported-weights directory of the final model, readable by `python -m tljax.predict`."""
+    from tljax.porting import weights_io
+    head = self.config.model.head.to_dict()
+    head['hidden'] = [int(h) for h in head['hidden']]
+    weights_io.save_weights(
+        os.path.join(self.workdir, 'export'),
+        {'params': state.params, 'batch_stats': state.batch_stats},
+        {'arch': self.config.model.name, 'source': f'tljax.train {self.workdir}',
+         'num_classes': components.num_outputs(self.config, len(self.class_names)),
+         'preprocessing': self.pp.to_json(), 'labels': self.class_names, 'head': head,
+         'arch_kw': self.config.model.arch_kw.to_dict()})
+
+
+def _model_vars(rstate) -> dict:
+  host = _unreplicate_state(rstate)
+  return {'params': host.params, 'batch_stats': host.batch_stats}
+
+
+def _unreplicate_state(rstate) -> TrainState:
+  return steps.unreplicate(rstate)
+
+
+def _meta_json(meta: dict) -> dict:
+  return report.jsonable(meta)
