@@ -53,8 +53,8 @@ def check_and_merge(target: Mapping, source: Mapping, *, dont_load: Iterable[str
         lines.extend(f'    {item}' for item in items)
     raise PortError('\n'.join(lines))
   not_loaded = sorted(k for k in tgt if skip(k))
-  merged = {k: (tgt[k] if skip(k) else np.asarray(src[k], dtype=np.asarray(tgt[k]).dtype))
-            for k in tgt}
+  dtype = lambda x: x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
+  merged = {k: (tgt[k] if skip(k) else np.asarray(src[k], dtype=dtype(tgt[k]))) for k in tgt}
   return unflatten(merged), not_loaded
 
 
