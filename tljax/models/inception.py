@@ -19,7 +19,7 @@ Module names (under `backbone`), each a conv+BN unit holding `conv` and `bn`:
 
 The end points are the blocks `mixed0` … `mixed10`; `cut='mixed7'` ends the
 backbone there (17x17x768 at 299). Any end point of an uncut model can also
-be read with `apply(..., capture_intermediates=lambda m, _: m.name.startswith('mixed'))`.
+be read with `apply(..., capture_intermediates=lambda m, _: (m.name or '').startswith('mixed'))`.
 """
 
 from __future__ import annotations

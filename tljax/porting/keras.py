@@ -91,8 +91,9 @@ def _catalog() -> dict[str, WeightSpec]:
     end = '' if top else '_no_top'
     for alpha in mk.V1_ALPHAS:
       for rows in (128, 160, 192, 224):
-        specs.append(_spec('mobilenet_v1', f'mobilenet/mobilenet_{_V1_ALPHA_TEXT[alpha]}_{rows}_tf{end}.h5',
-                           _variant(alpha, rows, top), rows, alpha=alpha))
+        name = f'mobilenet_{_V1_ALPHA_TEXT[alpha]}_{rows}_tf{end}.h5'
+        specs.append(_spec('mobilenet_v1', f'mobilenet/{name}', _variant(alpha, rows, top), rows,
+                           alpha=alpha))
     for alpha in mk.V2_ALPHAS:
       for rows in (96, 128, 160, 192, 224):
         name = f'mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}{end}.h5'
@@ -252,7 +253,8 @@ def read_h5(path: str) -> tuple[str, list[FileLayer] | dict[str, list[FileLayer]
         weights = [(f'{name}/{i}', np.asarray(vars_[str(i)])) for i in range(len(vars_))]
         layer = FileLayer(name, weights, real_name='name' in vars_.attrs)
         by_class.setdefault(m.group(1), []).append((int(m.group(2) or 0), layer))
-      return 'keras3', {cls: [l for _, l in sorted(v, key=lambda t: t[0])] for cls, v in by_class.items()}
+      return 'keras3', {cls: [l for _, l in sorted(v, key=lambda t: t[0])]
+                        for cls, v in by_class.items()}
   raise PortError(f'{path} is not a Keras weights file: it has neither a `layer_names` attribute '
                   '(legacy .h5) nor a `layers` group (Keras 3 .weights.h5).')
 
@@ -364,8 +366,8 @@ def _match(layout, content, arch: str, num_classes: int, arch_kw: dict, strict_n
   if missing:
     problems.append(f'missing from the file ({len(missing)} layers): ' + ', '.join(missing))
   if leftover:
-    problems.append(f'unexpected in the file ({len(leftover)} layers): ' +
-                    ', '.join(f'{fl.name} {[tuple(a.shape) for _, a in fl.weights]}' for fl in leftover))
+    problems.append(f'unexpected in the file ({len(leftover)} layers): ' + ', '.join(
+        f'{fl.name} {[tuple(a.shape) for _, a in fl.weights]}' for fl in leftover))
   return flat, model, shapes, report, problems
 
 
@@ -377,8 +379,8 @@ def _candidates():
     yield 'mobilenet_v2_keras', {'alpha': a}
 
 
-def _describe(arch: str, arch_kw: dict) -> str:
-  return arch + ''.join(f', {k}={v!r}' for k, v in arch_kw.items())
+def _describe(arch: str, arch_kw: dict, quote: bool = False) -> str:
+  return (repr(arch) if quote else arch) + ''.join(f', {k}={v!r}' for k, v in arch_kw.items())
 
 
 def _count_fits(layout, content, expected: Sequence[KerasLayer]) -> bool:
@@ -400,11 +402,11 @@ def _guess(layout, content) -> str:
   for arch, kw in _candidates():
     if _count_fits(layout, content, keras_layers(arch, kw.get('alpha', 1.0))) and \
         not _match(layout, content, arch, 1000, kw)[4]:
-      hits.append(f"from_keras(path, {arch!r}{''.join(f', {k}={v!r}' for k, v in kw.items())})")
+      hits.append(f'from_keras(path, {_describe(arch, kw, quote=True)})')
   if hits:
     return 'The file holds another architecture or width; port it with ' + ' or '.join(hits) + '.'
-  return ('The file matches none of ' + ', '.join(ARCHS) + ' at the catalogued alphas '
-          f'({len(content) if layout == "legacy" else sum(map(len, content.values()))} layers with weights).')
+  n = len(content) if layout == 'legacy' else sum(map(len, content.values()))
+  return f'The file ({n} layers with weights) matches none of {", ".join(ARCHS)} at any listed alpha.'
 
 
 def convert_file(path: str, arch: str, num_classes: int = 1000, *, rng: jax.Array | None = None,
