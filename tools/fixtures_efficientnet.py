@@ -12,10 +12,12 @@ fixture stores a checksum of that array, the reference's 1000 logits and its
 top-5.
 
 `random_<case>.json`: seeded random weights (BN statistics and affine
-randomized, see `tests/reference_weights.py`) for each Lite scaling at its
-default resolution, plus the reference's static padding at a non-default
-size and its dynamic padding at a non-square size. Only manifest + seeds +
-logits are stored; the tests rebuild weights and inputs with numpy.
+randomized, see `tests/reference_weights.py`) for Lite0 and Lite2 at their
+default resolution, the reference's static padding at a non-default size and
+its dynamic padding at a non-square size. Only manifest + seeds + logits are
+stored; the tests rebuild weights and inputs with numpy. (Lite3/Lite4 with
+random weights amplify float32 rounding to ~1e-3 on both sides, so they are
+checked live, in float64, by `tests/test_efficientnet_lite.py`.)
 """
 
 from __future__ import annotations
@@ -38,10 +40,7 @@ INPUT_SEED = 1
 # name: (arch, reference image_size override or 'default', input (h, w), our arch_kw)
 RANDOM_CASES = {
     'lite0': ('efficientnet_lite0', 'default', (224, 224), {}),
-    'lite1': ('efficientnet_lite1', 'default', (240, 240), {}),
     'lite2': ('efficientnet_lite2', 'default', (260, 260), {}),
-    'lite3': ('efficientnet_lite3', 'default', (280, 280), {}),
-    'lite4': ('efficientnet_lite4', 'default', (300, 300), {}),
     # Pads fixed for 240 applied to a 224 input: odd sizes inside the net, so this catches
     # any asymmetric-padding mistake in `pad_for_size`.
     'lite1_static240_at224': ('efficientnet_lite1', 'default', (224, 224), {'pad_for_size': 240}),
