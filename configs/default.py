@@ -44,7 +44,7 @@ def get_config(arg: str = ''):
   scratch.name = 'scratch'
   scratch.pretrained = ml_collections.ConfigDict(dict(source='none'))
   scratch.phases = (phase('scratch', epochs=14, trainable='all', optimizer='adam', lr=1e-3,
-                          bn='train', schedule='cosine'),)
+                          bn='train', precise_bn=8, schedule='cosine'),)
   transfer = ml_collections.ConfigDict(dict(name='transfer'))
   c.variants = (scratch, transfer)
   if arg == 'tiny':

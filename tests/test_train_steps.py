@@ -212,3 +212,19 @@ def test_bfloat16_compute_keeps_float32_params(setup):
   final, metrics = run_phase(setup, 'all', 'train', n_steps=2, model=model, variables=variables)
   assert all(v.dtype == np.float32 for v in jax.tree.leaves(final.params))
   assert np.isfinite(metrics[-1]['loss']).all()
+
+
+def test_precise_bn_step_returns_the_batch_statistics(setup):
+  model, variables, _ = setup
+  devices = jax.local_devices()[:1]
+  batch = make_batch(1, seed=5)
+  state = steps.TrainState(variables['params'], variables['batch_stats'], None,
+                           np.zeros((), np.int32), steps.make_key(0))
+  fn = steps.build_steps(model, train_transform=to_input, devices=devices)['bn_stats']
+  stats = steps.unreplicate(fn(steps.replicate(state, devices), batch))
+  _, inter = model.apply(variables, to_input(None, batch['image'][0]), capture_intermediates=True)
+  conv0 = np.asarray(inter['intermediates']['backbone']['conv0']['__call__'][0])
+  np.testing.assert_allclose(stats['backbone']['bn0']['mean'], conv0.mean((0, 1, 2)),
+                             rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(stats['backbone']['bn0']['var'], conv0.var((0, 1, 2)),
+                             rtol=1e-3, atol=1e-5)

@@ -46,6 +46,7 @@ def phase(name: str, **kw) -> ml_collections.ConfigDict:
       end_lr_factor=0.0,     # cosine: final lr = lr * end_lr_factor
       grad_clip=0.0,         # global-norm clip, 0 = off
       bn='frozen',           # frozen: running statistics used, never updated
+      precise_bn=0,          # bn='train': re-estimate BN statistics from N train batches per epoch
       augment=True,          # False: the eval transform (resize + normalise) only
       cache_features=True,   # head-only + frozen BN + deterministic inputs → features computed once
       cache_views=0,         # >0: K pre-drawn augmented views cached (view = epoch % K)
@@ -193,10 +194,13 @@ def _validate_phase(where: str, p) -> None:
   _choice(f'{where}.bn', p.bn, BN_POLICIES)
   if not p.lr > 0:
     _fail(f'{where}.lr', p.lr, 'expected > 0')
-  for field in ('weight_decay', 'warmup_epochs', 'grad_clip', 'momentum', 'cache_views'):
+  for field in ('weight_decay', 'warmup_epochs', 'grad_clip', 'momentum', 'cache_views',
+                'precise_bn'):
     if p[field] < 0:
       _fail(f'{where}.{field}', p[field], 'expected >= 0')
   if not 0.0 <= p.end_lr_factor <= 1.0:
     _fail(f'{where}.end_lr_factor', p.end_lr_factor, 'expected 0 <= factor <= 1')
+  if p.precise_bn and p.bn != 'train':
+    _fail(f'{where}.precise_bn', p.precise_bn, "only meaningful with bn='train'")
   if p.warmup_epochs > p.epochs:
     _fail(f'{where}.warmup_epochs', p.warmup_epochs, f'longer than the phase ({p.epochs} epochs)')

@@ -178,6 +178,27 @@ def feature_step(state: TrainState, batch, key, *, model, transform: Callable, p
                      method=features)
 
 
+def bn_stats_step(state: TrainState, batch, *, model, transform: Callable):
+  """This batch's BatchNorm statistics for every layer, averaged over devices.
+
+  Read through the layers' own running-average update `r' = m r + (1 - m) b`:
+  one pass from r = 0 and one from r = 1 give `m = r'_1 - r'_0` and
+  `b = r'_0 / (1 - m)`, whatever momentum each family's BN uses.
+  """
+  input_key, dropout_key = step_keys(state)
+  inputs = transform(input_key, batch['image'])
+
+  def updated(fill):
+    stats = jax.tree.map(lambda x: jnp.full_like(x, fill), state.batch_stats)
+    _, new = model.apply({'params': state.params, 'batch_stats': stats}, inputs, train=False,
+                         bn_train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    return new['batch_stats']
+
+  from_zero, from_one = updated(0.0), updated(1.0)
+  stats = jax.tree.map(lambda r0, r1: r0 / (1.0 - (r1 - r0)), from_zero, from_one)
+  return jax.lax.pmean(stats, AXIS)
+
+
 def build_steps(model, *, tx=None, labels=None, train_transform=None, eval_transform=None,
                 loss_kind='softmax', label_smoothing=0.0, bn_train=False, cached=False,
                 pool=False, donate=True, devices=None) -> dict[str, Callable]:
@@ -193,6 +214,8 @@ def build_steps(model, *, tx=None, labels=None, train_transform=None, eval_trans
                                                loss_kind=loss_kind, cached=cached),
                              devices=devices)
   if train_transform is not None and not cached:
+    steps['bn_stats'] = parallel(functools.partial(bn_stats_step, model=model,
+                                                   transform=train_transform), devices=devices)
     steps['features'] = parallel(functools.partial(feature_step, model=model,
                                                    transform=train_transform, pool=pool),
                                  devices=devices)

@@ -256,6 +256,8 @@ class _Run:
             raise Preempted(f'SIGTERM: saved the checkpoint of step {meta["step"]} in '
                             f'{self.workdir}; re-run the same command to resume.')
       meta['epoch'], meta['step_in_epoch'] = epoch + 1, 0
+      if phase.bn == 'train' and phase.precise_bn:
+        rstate = self._precise_bn(fns['bn_stats'], rstate, phase.precise_bn, data_epoch)
       last = epoch + 1 == phase.epochs
       if last or (epoch + 1) % config.eval.every_epochs == 0:
         val = self._evaluate(eval_fn, rstate, 'val', features)
@@ -277,6 +279,23 @@ class _Run:
     record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
                   trainable_params=counts['trainable'], frozen_params=counts['frozen'])
     return _unreplicate_state(rstate)
+
+  def _precise_bn(self, fn, rstate, n_batches: int, data_epoch: int):
+    """Replaces the running BN statistics by their average over `n_batches` train batches.
+
+    Short runs from scratch with Keras-style momentum 0.99 leave running
+    statistics near their initial values, so evaluation sees a different
+    network than training did ("precise BN", Wu & Johnson 2021).
+    """
+    batches = self.batching.train_batches(self.train_split, self.config.batch_size,
+                                          seed=self.config.seed + 7919, epoch=data_epoch)
+    total, count = None, 0
+    for i, batch in zip(range(n_batches), batches):
+      probe = rstate.replace(step=rstate.step + (1 << 30) + i)
+      stats = fn(probe, {'image': batch['image'], 'label': batch['label']})
+      total = stats if total is None else jax.tree.map(lambda a, b: a + b, total, stats)
+      count += 1
+    return rstate.replace(batch_stats=jax.tree.map(lambda t: t / count, total))
 
   def _phase_start_step(self, index: int, meta: dict) -> int:
     done = sum(p.epochs for p in self.config.phases[:index])
