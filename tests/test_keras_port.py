@@ -199,6 +199,17 @@ def test_renamed_layer_is_rejected_unless_names_are_not_strict(tmp_path):
   assert_same_variables(from_keras(path, 'mobilenet_v1', alpha=0.5, strict_names=False), original)
 
 
+def test_chunked_layer_names_attribute(tmp_path):
+  """Keras splits attributes over 64 KB into `layer_names0`, `layer_names1`, ..."""
+  path = write(tmp_path, 'mobilenet_v1_a0.5')
+  original = from_keras(path, 'mobilenet_v1', alpha=0.5)
+  with h5py.File(path, 'r+') as f:
+    names = f.attrs['layer_names']
+    del f.attrs['layer_names']
+    f.attrs['layer_names0'], f.attrs['layer_names1'] = names[:40], names[40:]
+  assert_same_variables(from_keras(path, 'mobilenet_v1', alpha=0.5), original)
+
+
 def test_not_a_keras_file(tmp_path):
   path = tmp_path / 'x.h5'
   with h5py.File(path, 'w') as f:

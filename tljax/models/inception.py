@@ -205,7 +205,8 @@ def blocks_until(cut: str | None) -> tuple[tuple[str, tuple[Branch, ...]], ...]:
   """The blocks a backbone cut at `cut` contains (all for None)."""
   cut = cut or END_POINTS[-1]
   if cut not in END_POINTS:
-    raise ValueError(f'unknown InceptionV3 end point {cut!r}; choose one of {", ".join(END_POINTS)}')
+    raise ValueError(f'unknown InceptionV3 end point {cut!r}; '
+                     f'choose one of {", ".join(END_POINTS)}')
   return BLOCKS[:END_POINTS.index(cut) + 1]
 
 

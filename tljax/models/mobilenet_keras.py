@@ -9,7 +9,7 @@ Any of these differences shifts every activation, so each is reproduced.
 Module names (under `backbone`) are the Keras layer names, so a rule or a
 layer found in a Keras recipe reads the same here:
 
-  mobilenet_v1:        conv1, conv1_bn, conv_dw_<i>, conv_dw_<i>_bn, conv_pw_<i>, conv_pw_<i>_bn (i = 1..13)
+  mobilenet_v1:        conv1, conv1_bn, conv_dw_<i>[_bn], conv_pw_<i>[_bn] (i = 1..13)
   mobilenet_v2_keras:  Conv1, bn_Conv1, expanded_conv_{depthwise,project}[_BN],
                        block_<i>_{expand,depthwise,project}[_BN] (i = 1..16), Conv_1, Conv_1_bn
 
@@ -56,7 +56,7 @@ def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def correct_pad(size: int, kernel: int = 3) -> tuple[int, int]:
-  """Keras' `imagenet_utils.correct_pad` for one spatial dim: (0, 1) on even sizes, (1, 1) on odd."""
+  """Keras' `imagenet_utils.correct_pad`, one dim: (0, 1) on even sizes, (1, 1) on odd ones."""
   return kernel // 2 - (1 - size % 2), kernel // 2
 
 
@@ -152,5 +152,6 @@ def build(name: str, dtype=jnp.float32, alpha: float = 1.0):
     return (MobileNetV1Backbone(alpha=alpha, dtype=dtype),
             dict(pool='avg', hidden=(), dropout=V1_DROPOUT))
   if name == 'mobilenet_v2_keras':
-    return MobileNetV2KerasBackbone(alpha=alpha, dtype=dtype), dict(pool='avg', hidden=(), dropout=0.0)
+    return (MobileNetV2KerasBackbone(alpha=alpha, dtype=dtype),
+            dict(pool='avg', hidden=(), dropout=0.0))
   raise ValueError(f'unknown Keras MobileNet {name!r}; choose mobilenet_v1 or mobilenet_v2_keras')

@@ -406,7 +406,8 @@ def _guess(layout, content) -> str:
   if hits:
     return 'The file holds another architecture or width; port it with ' + ' or '.join(hits) + '.'
   n = len(content) if layout == 'legacy' else sum(map(len, content.values()))
-  return f'The file ({n} layers with weights) matches none of {", ".join(ARCHS)} at any listed alpha.'
+  return (f'The file ({n} layers with weights) matches none of {", ".join(ARCHS)} '
+          'at any listed alpha.')
 
 
 def convert_file(path: str, arch: str, num_classes: int = 1000, *, rng: jax.Array | None = None,
