@@ -60,19 +60,24 @@ def test_eval_exact_identity_and_normalisation():
   np.testing.assert_allclose(out, (x.astype(np.float32) - 127.5) / 127.5, atol=1e-6)
 
 
+@pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
 @pytest.mark.parametrize('out_size', [28, 20])
 @pytest.mark.parametrize('size,tol', [((96, 64), 0.05), ((80, 60), 4.0)])
-def test_eval_shorter_geometry_matches_pil_resize_then_centre_crop(out_size, size, tol):
+def test_eval_shorter_geometry_matches_pil_resize_then_centre_crop(out_size, size, tol,
+                                                                   interpolation):
   """Cache (shorter side → 32, centre square) + on-device centre crop 28/32 = torchvision eval.
 
   96x64 has integral resize/crop offsets: exact up to float error. 80x60 does
   not, and PIL's reference rounds its resize width and crop offset to whole
-  pixels (a 1/3 px shift), so only the mean error is bounded.
+  pixels (a 1/3 px shift), so only the mean error is bounded. The cache is
+  resized with the spec's interpolation (EfficientNet-Lite uses bicubic).
   """
+  spec = Preprocessing(input_size=28, resize=32, interpolation=interpolation)
   img = _smooth(*size)
-  cache = decode(_png_bytes(img), 32, 'shorter', name='x.png').image
-  ours = _denorm(jax.jit(lambda v: augment.eval_transform(v, out_size, SPEC))(cache[None])[0], SPEC)
-  ref = resize_and_crop(img, SPEC).astype(np.float32)           # PIL: resize 32, crop 28
+  cache = decode(_png_bytes(img), 32, 'shorter', name='x.png', resample=interpolation).image
+  ours = _denorm(jax.jit(lambda v: augment.eval_transform(v, out_size, spec))(cache[None])[0],
+                 spec)
+  ref = resize_and_crop(img, spec).astype(np.float32)           # PIL: resize 32, crop 28
   if out_size != 28:
     ref = np.asarray(Image.fromarray(np.round(ref).astype(np.uint8)).resize(
         (out_size, out_size), Image.BILINEAR), np.float32)

@@ -122,3 +122,27 @@ def test_prefetch_preserves_order_propagates_errors_and_stops():
     summed = jax.pmap(lambda x: x + 1, devices=devices)(first['x'])
     assert np.array_equal(np.asarray(summed), np.ones((2, 1)))
   assert not it._thread.is_alive()
+
+
+def test_threaded_gather_equals_fancy_indexing():
+  from tljax.data.batching import _gather
+  images = np.random.default_rng(0).integers(0, 256, (80, 128, 128, 3), dtype=np.uint8)
+  idx = np.random.default_rng(1).permutation(80)[:70]
+  big = np.concatenate([idx, idx, idx])                     # 10 MB: the threaded path
+  assert np.array_equal(_gather(images, big), images[big])
+  assert np.array_equal(_gather(images, idx[:3]), images[idx[:3]])
+
+
+def test_device_cache_gather_matches_host_batches():
+  from tljax.data.batching import device_cache
+  d = 4
+  split = _split(21, size=3)
+  devices = jax.local_devices()[:d]
+  cache = device_cache(split, devices)
+  assert cache.shape == (d, 21, 3, 3, 3)
+  gather = jax.pmap(lambda c, i: jnp.take(c, i, axis=0), devices=devices)
+  kw = dict(num_devices=d, process_index=0, process_count=1)
+  for host, light in zip(train_batches(split, 8, seed=0, epoch=0, **kw),
+                         train_batches(split, 8, seed=0, epoch=0, with_images=False, **kw)):
+    assert 'image' not in light and np.array_equal(host['label'], light['label'])
+    assert np.array_equal(np.asarray(gather(cache, light['index'])), host['image'])

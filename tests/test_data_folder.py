@@ -168,3 +168,27 @@ def test_streaming_when_over_budget_matches_cache(tmp_path):
   a = [b['label'] for b in train_batches(streamed['train'], 4, **kw)]
   b = [b['label'] for b in train_batches(streamed['train'], 4, start_step=1, **kw)]
   assert len(a) == 2 and np.array_equal(a[1], b[0])
+
+
+def test_cache_follows_the_backbone_preprocessing(tmp_path):
+  from PIL import Image
+  from tljax.data.preprocess import EFFICIENTNET_LITE, KERAS_TF
+  os.makedirs(tmp_path / 'a')
+  os.makedirs(tmp_path / 'b')
+  rng = np.random.default_rng(0)
+  for c in 'ab':
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(
+          tmp_path / c / f'{i}.png')
+  path = str(tmp_path / 'a' / '0.png')
+  cfg = _cfg(tmp_path, val_fraction=0.5)
+  by_spec = {}
+  for name, spec in (('torchvision', None), ('lite', EFFICIENTNET_LITE), ('keras', KERAS_TF)):
+    split = load_splits(cfg, load_size=20, seed=0, preprocessing=spec)
+    images = dict(zip(split['train'].ids + split['val'].ids,
+                      np.concatenate([split['train'].images, split['val'].images])))
+    by_spec[name] = images[path]
+  assert np.array_equal(by_spec['torchvision'], decode(path, 20, 'shorter').image)
+  assert np.array_equal(by_spec['lite'], decode(path, 20, 'shorter', resample='bicubic').image)
+  assert np.array_equal(by_spec['keras'], decode(path, 20, 'exact').image)
+  assert not np.array_equal(by_spec['torchvision'], by_spec['lite'])

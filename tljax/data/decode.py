@@ -61,21 +61,27 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
   return img.convert('RGB')
 
 
-def _fit(img: Image.Image, size: int, geometry: str) -> Image.Image:
+_RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST}
+
+
+def _fit(img: Image.Image, size: int, geometry: str, resample: str) -> Image.Image:
   """'shorter': shorter side → size, centre square crop; 'exact': squash to size×size."""
   w, h = img.size
   if geometry == 'exact':
-    return img.resize((size, size), Image.BILINEAR)
+    return img.resize((size, size), _RESAMPLE[resample])
   scale = size / min(w, h)
   nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
   left, top = (nw - size) / 2 / scale, (nh - size) / 2 / scale
   box = (left, top, left + size / scale, top + size / scale)
-  return img.resize((size, size), Image.BILINEAR, box=box)
+  return img.resize((size, size), _RESAMPLE[resample], box=box)
 
 
 def decode(source: str | bytes, size: int, geometry: str = 'shorter', *,
-           name: str = '', want_hash: bool = False) -> Decoded:
+           name: str = '', want_hash: bool = False, resample: str = 'bilinear') -> Decoded:
   """Decodes a path or encoded bytes; never raises for bad content.
+
+  `resample` is the backbone's `Preprocessing.interpolation` (PIL filters,
+  antialiased when shrinking), so the cache matches its eval resize.
 
   `want_hash` returns the sha1 of the decoded full-resolution RGB pixels
   (shape included) for exact-duplicate detection; it disables JPEG draft
@@ -83,6 +89,8 @@ def decode(source: str | bytes, size: int, geometry: str = 'shorter', *,
   """
   if geometry not in GEOMETRIES:
     raise ValueError(f'geometry must be one of {GEOMETRIES}, got {geometry!r}')
+  if resample not in _RESAMPLE:
+    raise ValueError(f'resample must be one of {sorted(_RESAMPLE)}, got {resample!r}')
   notes: list[str] = []
   name = name or (source if isinstance(source, str) else '')
   try:
@@ -111,7 +119,7 @@ def decode(source: str | bytes, size: int, geometry: str = 'shorter', *,
       if want_hash:
         arr = np.asarray(rgb, np.uint8)
         pixel_hash = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
-      out = np.asarray(_fit(rgb, size, geometry), np.uint8)
+      out = np.asarray(_fit(rgb, size, geometry, resample), np.uint8)
   except FileNotFoundError as e:
     return Decoded(error=f'file vanished: {e}')
   except Image.UnidentifiedImageError:

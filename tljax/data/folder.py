@@ -154,7 +154,8 @@ def _pool(cfg):
   return concurrent.futures.ThreadPoolExecutor(max_workers=cfg.decode_threads or os.cpu_count() or 1)
 
 
-def decode_split(scan_: FolderScan, split: str, cfg, *, load_size: int, geometry: str) -> Split:
+def decode_split(scan_: FolderScan, split: str, cfg, *, load_size: int, geometry: str,
+                 resample: str = 'bilinear') -> Split:
   """Decodes one split into the cache, honouring `max_per_class` (first N usable files)."""
   per_class = scan_.files[split]
   limit = cfg.max_per_class
@@ -167,7 +168,7 @@ def decode_split(scan_: FolderScan, split: str, cfg, *, load_size: int, geometry
         chunk = paths[pos:pos + (limit - len(good) if limit else len(paths))]
         pos += len(chunk)
         for path, result in zip(chunk, pool.map(
-            lambda p: decode(p, load_size, geometry), chunk)):
+            lambda p: decode(p, load_size, geometry, resample=resample), chunk)):
           if result.error:
             log.warning('skipping %s: %s', path, result.error)
             skipped.append((path, result.error))

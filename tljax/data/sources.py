@@ -39,15 +39,15 @@ def _cache_mb(n: int, load_size: int) -> float:
   return n * load_size * load_size * 3 / 2 ** 20
 
 
-def _folder(cfg, load_size: int, geometry: str) -> dict:
+def _folder(cfg, load_size: int, geometry: str, resample: str) -> dict:
   scan = folder.scan(cfg)
   limit = cfg.max_per_class
   n = sum(min(len(f), limit) if limit else len(f)
           for per_class in scan.files.values() for f in per_class.values())
   threads = default_threads(cfg)
   if _cache_mb(n, load_size) <= cfg.cache_budget_mb:
-    decoded = {name: folder.decode_split(scan, name, cfg, load_size=load_size, geometry=geometry)
-               for name in scan.files}
+    decoded = {name: folder.decode_split(scan, name, cfg, load_size=load_size, geometry=geometry,
+                                         resample=resample) for name in scan.files}
     if 'val' not in decoded:
       train = decoded.pop('train')
       decoded = {**_carve(train, cfg), **decoded}
@@ -65,10 +65,11 @@ def _folder(cfg, load_size: int, geometry: str) -> dict:
     parts = stratified_carve(labels, fractions, cfg.split_seed, len(scan.class_dirs))
     out.update({k: ([paths[i] for i in idx], labels[idx]) for k, idx in parts.items()})
   return {name: folder_stream(p, l, scan.class_names, load_size=load_size, geometry=geometry,
-                              name=name, threads=threads) for name, (p, l) in out.items()}
+                              name=name, threads=threads, resample=resample)
+          for name, (p, l) in out.items()}
 
 
-def _tfds(cfg, load_size: int, geometry: str) -> dict:
+def _tfds(cfg, load_size: int, geometry: str, resample: str) -> dict:
   src = TfdsSource(cfg.name, cfg.data_dir)
   wanted = {'train': cfg.train_split, 'val': cfg.val_split, 'test': cfg.test_split}
   wanted = {k: v for k, v in wanted.items() if v}
@@ -83,9 +84,9 @@ def _tfds(cfg, load_size: int, geometry: str) -> dict:
     log.warning('tfds %s: %d examples at %dpx exceed cache_budget_mb=%d; streaming', cfg.name,
                 sum(known), load_size, cfg.cache_budget_mb)
     return {k: src.streaming(v, load_size=load_size, geometry=geometry, threads=threads, name=k,
-                             num_examples=sizes[k]) for k, v in wanted.items()}
-  decoded = {k: src.decoded(v, load_size=load_size, geometry=geometry, threads=threads, name=k)
-             for k, v in wanted.items()}
+                             num_examples=sizes[k], resample=resample) for k, v in wanted.items()}
+  decoded = {k: src.decoded(v, load_size=load_size, geometry=geometry, threads=threads, name=k,
+                            resample=resample) for k, v in wanted.items()}
   if 'val' not in decoded:
     train = decoded.pop('train')
     decoded = {**_carve(train, cfg), **decoded}
@@ -98,8 +99,8 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
 
   The cache geometry follows the backbone's preprocessing: `'shorter'`
   (torchvision: shorter side to `load_size`, centre square) or `'exact'`
-  (Keras: squash the whole image); pass `preprocessing` (a `Preprocessing`)
-  or `geometry`. `seed` only drives the few-shot subsampling of train; the
+  (Keras: squash the whole image), resized with its interpolation; pass
+  `preprocessing` (a `Preprocessing`) or `geometry` (then bilinear). `seed` only drives the few-shot subsampling of train; the
   val/test carve uses `data_cfg.split_seed` so it stays fixed across seeds.
   """
   cfg = data_cfg
@@ -108,6 +109,7 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
     raise ValueError(f'load_size must be >= 1, got {load_size}')
   if geometry is None:
     geometry = preprocessing.resize_mode if preprocessing is not None else 'shorter'
+  resample = preprocessing.interpolation if preprocessing is not None else 'bilinear'
   if geometry not in GEOMETRIES:
     raise ValueError(f'geometry must be one of {GEOMETRIES}, got {geometry!r}')
   if cfg.source == 'synthetic':
@@ -132,9 +134,9 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
       pool = Split(pool.images, remap[pool.labels], list(cfg.classes), pool.ids, name=pool.name)
     splits = _carve(pool, cfg)
   elif cfg.source == 'folder':
-    splits = _folder(cfg, load_size, geometry)
+    splits = _folder(cfg, load_size, geometry, resample)
   else:
-    splits = _tfds(cfg, load_size, geometry)
+    splits = _tfds(cfg, load_size, geometry, resample)
   class_names = splits['train'].class_names
   check_coverage(splits, class_names)
   if cfg.examples_per_class or cfg.train_fraction < 1.0:

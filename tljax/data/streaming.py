@@ -39,6 +39,7 @@ class StreamingSplit:
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   converted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   parallel_calls: int = 8
+  resample: str = 'bilinear'
 
   def __len__(self) -> int:
     return self.num_examples
@@ -50,7 +51,7 @@ class StreamingSplit:
   def _decode_np(self, data, ident):
     ident = ident.decode('utf-8', 'replace')
     source = data.decode('utf-8') if self.from_path else data
-    result = decode(source, self.load_size, self.geometry, name=ident)
+    result = decode(source, self.load_size, self.geometry, name=ident, resample=self.resample)
     if result.error:
       if (ident, result.error) not in self.skipped:
         log.warning('skipping %s: %s', ident, result.error)
@@ -100,7 +101,8 @@ def _drop_flag(image, label, ok):
 
 
 def folder_stream(paths: list[str], labels: np.ndarray, class_names: list[str], *, load_size: int,
-                  geometry: str, name: str, threads: int) -> StreamingSplit:
+                  geometry: str, name: str, threads: int,
+                  resample: str = 'bilinear') -> StreamingSplit:
   """Streams files; shuffling is an exact global permutation of the file list."""
   paths, labels = list(paths), np.asarray(labels, np.int32)
 
@@ -112,4 +114,4 @@ def folder_stream(paths: list[str], labels: np.ndarray, class_names: list[str], 
     return tf.data.Dataset.from_tensor_slices((p, labels[order], p))
 
   return StreamingSplit(make_source, len(paths), class_names, load_size, geometry, True, name,
-                        parallel_calls=threads)
+                        parallel_calls=threads, resample=resample)

@@ -74,7 +74,7 @@ class TfdsSource:
     return ds
 
   def decoded(self, split: str, *, load_size: int, geometry: str, threads: int,
-              name: str) -> Split:
+              name: str, resample: str = 'bilinear') -> Split:
     ds = self._dataset(split)
     images, labels, ids, skipped, converted = [], [], [], [], []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -82,7 +82,8 @@ class TfdsSource:
 
       def flush():
         results = pool.map(lambda ex: decode(ex[self.image_key], load_size, geometry,
-                                             name=ex['tfds_id'].decode()), chunk)
+                                             name=ex['tfds_id'].decode(), resample=resample),
+                           chunk)
         for ex, result in zip(chunk, results):
           ident = ex['tfds_id'].decode()
           if result.error:
@@ -105,7 +106,7 @@ class TfdsSource:
                  converted, name)
 
   def streaming(self, split: str, *, load_size: int, geometry: str, threads: int, name: str,
-                num_examples: int) -> StreamingSplit:
+                num_examples: int, resample: str = 'bilinear') -> StreamingSplit:
     """Shuffling uses a 10k-example buffer with a fixed seed (deterministic, not global)."""
     self._dataset(split)  # fail now, not inside the training loop
 
@@ -117,7 +118,7 @@ class TfdsSource:
       return ds.map(lambda ex: (ex[self.image_key], ex[self.label_key], ex['tfds_id']))
 
     return StreamingSplit(make_source, num_examples, list(self.class_names), load_size, geometry,
-                          False, name, parallel_calls=threads)
+                          False, name, parallel_calls=threads, resample=resample)
 
 
 def default_threads(cfg) -> int:
