@@ -128,7 +128,8 @@ def test_random_resized_crop_boxes_respect_scale_and_ratio():
 def test_rotation_by_quarter_turn_and_zoom_in():
   x = _images(1, 16)[0].astype(np.float32)
   box = (0.0, 0.0, 16.0, 16.0)
-  sample = jax.jit(lambda v, angle, zoom: augment._affine_crop(v, box, 16, False, angle, zoom, True))
+  sample = jax.jit(
+      lambda v, angle, zoom: augment._affine_crop(v, box, 16, False, angle, zoom, True))
   rot = np.asarray(sample(x, math.pi / 2, 1.0))
   assert any(np.allclose(rot, np.rot90(x, k, axes=(0, 1)), atol=1e-3) for k in (1, 3))
   zoom_in = np.asarray(sample(x, 0.0, 0.5))

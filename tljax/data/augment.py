@@ -83,7 +83,8 @@ _ATTEMPTS = 10
 def _random_box(u, s: int, scale, ratio):
   """torchvision RandomResizedCrop on an s×s image, from 22 uniforms, vectorised over attempts."""
   area = (scale[0] + u[:_ATTEMPTS] * (scale[1] - scale[0])) * s * s
-  log_r = math.log(ratio[0]) + u[_ATTEMPTS:2 * _ATTEMPTS] * (math.log(ratio[1]) - math.log(ratio[0]))
+  lo, hi = math.log(ratio[0]), math.log(ratio[1])
+  log_r = lo + u[_ATTEMPTS:2 * _ATTEMPTS] * (hi - lo)
   aspect = jnp.exp(log_r)
   w = jnp.sqrt(area * aspect)
   h = jnp.sqrt(area / aspect)

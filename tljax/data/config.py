@@ -75,14 +75,16 @@ def validate_data_config(cfg) -> None:
     _fail('name', cfg.name, "set the tfds dataset name, e.g. --config.data.name=tf_flowers")
   if cfg.source == 'folder':
     if not cfg.root:
-      _fail('root', cfg.root, 'set --config.data.root=DIR (root/<class>/* or root/<split>/<class>/*)')
+      _fail('root', cfg.root,
+            'set --config.data.root=DIR (root/<class>/* or root/<split>/<class>/*)')
     if not os.path.isdir(cfg.root):
       _fail('root', cfg.root, 'the directory does not exist')
   for field in ('val_fraction', 'test_fraction'):
     if not 0.0 <= cfg[field] < 1.0:
       _fail(field, cfg[field], 'expected 0 <= fraction < 1')
   if cfg.val_fraction + cfg.test_fraction >= 1.0:
-    _fail('val_fraction+test_fraction', cfg.val_fraction + cfg.test_fraction, 'must leave train data')
+    _fail('val_fraction+test_fraction', cfg.val_fraction + cfg.test_fraction,
+          'must leave train data')
   if not 0.0 < cfg.train_fraction <= 1.0:
     _fail('train_fraction', cfg.train_fraction, 'expected 0 < fraction <= 1')
   for field in ('max_per_class', 'examples_per_class', 'num_test', 'decode_threads'):

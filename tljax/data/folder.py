@@ -61,7 +61,8 @@ def _split_dir(root: str, dirname: str) -> str:
   """Kaggle archives nest `training/training/n0`: descend through a same-named lone folder."""
   path = os.path.join(root, dirname)
   inner = _listdirs(path)
-  if inner == [dirname] and not any(os.path.isfile(os.path.join(path, f)) for f in os.listdir(path)):
+  has_files = any(os.path.isfile(os.path.join(path, f)) for f in os.listdir(path))
+  if inner == [dirname] and not has_files:
     return os.path.join(path, dirname)
   return path
 
@@ -79,7 +80,8 @@ def read_label_file(path: str) -> dict[str, str]:
   with open(path, newline='', encoding='utf-8-sig') as fh:
     text = fh.read()
   delimiter = '\t' if text.count('\t') > text.count(',') else ','
-  rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines(), delimiter=delimiter)]
+  reader = csv.reader(text.splitlines(), delimiter=delimiter)
+  rows = [[cell.strip() for cell in row] for row in reader]
   rows = [row for row in rows if any(row)]
   if not rows:
     raise ValueError(f'label_file {path!r} is empty')
@@ -117,7 +119,8 @@ def scan(cfg) -> FolderScan:
     if cfg.val_split or cfg.test_split:
       raise ValueError(f'{root!r} has no {cfg.train_split!r} folder, so it is read as a flat '
                        f'root/<class>/* folder, but val_split={cfg.val_split!r} / test_split='
-                       f'{cfg.test_split!r} name split folders. Existing folders: {_listdirs(root)}. '
+                       f'{cfg.test_split!r} name split folders. Existing folders: '
+                       f'{_listdirs(root)}. '
                        'Fix train_split, or set val_split="" to carve val_fraction from train.')
     layout = 'flat'
     split_dirs = {'train': ''}
@@ -151,7 +154,8 @@ def scan(cfg) -> FolderScan:
 
 
 def _pool(cfg):
-  return concurrent.futures.ThreadPoolExecutor(max_workers=cfg.decode_threads or os.cpu_count() or 1)
+  threads = cfg.decode_threads or os.cpu_count() or 1
+  return concurrent.futures.ThreadPoolExecutor(max_workers=threads)
 
 
 def decode_split(scan_: FolderScan, split: str, cfg, *, load_size: int, geometry: str,

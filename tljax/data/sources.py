@@ -61,7 +61,9 @@ def _folder(cfg, load_size: int, geometry: str, resample: str) -> dict:
     out[name] = (paths, labels)
   if 'val' not in out:
     paths, labels = out.pop('train')
-    fractions = {'val': cfg.val_fraction, **({'test': cfg.test_fraction} if cfg.test_fraction else {})}
+    fractions = {'val': cfg.val_fraction}
+    if cfg.test_fraction:
+      fractions['test'] = cfg.test_fraction
     parts = stratified_carve(labels, fractions, cfg.split_seed, len(scan.class_dirs))
     out.update({k: ([paths[i] for i in idx], labels[idx]) for k, idx in parts.items()})
   return {name: folder_stream(p, l, scan.class_names, load_size=load_size, geometry=geometry,
@@ -78,7 +80,8 @@ def _tfds(cfg, load_size: int, geometry: str, resample: str) -> dict:
   threads = default_threads(cfg)
   if known and len(known) == len(sizes) and _cache_mb(sum(known), load_size) > cfg.cache_budget_mb:
     if not cfg.val_split:
-      raise ValueError(f'tfds {cfg.name!r} is streamed (over cache_budget_mb={cfg.cache_budget_mb}) '
+      raise ValueError(f'tfds {cfg.name!r} is streamed (over cache_budget_mb='
+                       f'{cfg.cache_budget_mb}) '
                        "so val cannot be carved from train; set data.val_split, e.g. "
                        "train_split='train[:90%]', val_split='train[90%:]'.")
     log.warning('tfds %s: %d examples at %dpx exceed cache_budget_mb=%d; streaming', cfg.name,
@@ -100,8 +103,9 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
   The cache geometry follows the backbone's preprocessing: `'shorter'`
   (torchvision: shorter side to `load_size`, centre square) or `'exact'`
   (Keras: squash the whole image), resized with its interpolation; pass
-  `preprocessing` (a `Preprocessing`) or `geometry` (then bilinear). `seed` only drives the few-shot subsampling of train; the
-  val/test carve uses `data_cfg.split_seed` so it stays fixed across seeds.
+  `preprocessing` (a `Preprocessing`) or `geometry` (then bilinear). `seed`
+  only drives the few-shot subsampling of train; the val/test carve uses
+  `data_cfg.split_seed` so it stays fixed across seeds.
   """
   cfg = data_cfg
   validate_data_config(cfg)
