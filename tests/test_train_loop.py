@@ -166,3 +166,23 @@ def test_resume_after_sigterm_sigkill_and_corruption_is_bit_identical(reference_
   ref_lines = [json.loads(l) for l in open(os.path.join(reference, 'metrics.jsonl'))]
   new_lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [(r['kind'], r['step']) for r in new_lines] == [(r['kind'], r['step']) for r in ref_lines]
+
+
+def test_cached_head_phase_matches_recomputing_backbone(reference_run, tmp_path):
+  """Features computed once + scanned head steps == backbone recomputed every step."""
+  config, _, _, _ = reference_run
+  from tljax.config import phase
+  finals = {}
+  for cache in (True, False):
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.phases = (phase('head', epochs=2, lr=1e-2, augment=False, cache_features=cache),)
+      cfg.checkpoint.enabled = False
+      cfg.log.update(dict(tensorboard=False, plots=False))
+    summary = train.train_and_evaluate(cfg, str(tmp_path / f'cache_{cache}'))
+    assert summary['phases'][0]['cached'] is cache
+    finals[cache] = (merge.flatten(exported(str(tmp_path / f'cache_{cache}'))), summary)
+  (cached, s_cached), (full, s_full) = finals[True], finals[False]
+  for key, value in full.items():
+    np.testing.assert_allclose(cached[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+  assert s_cached['final']['val']['accuracy'] == s_full['final']['val']['accuracy']

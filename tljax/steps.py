@@ -153,6 +153,15 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
   return new_state, metrics
 
 
+def train_chunk(state: TrainState, batches, **kw):
+  """`train_step` over a leading axis of K batches in one device call (`lax.scan`).
+
+  For cached-feature head steps the work per step is tiny and dispatching
+  the full state K times would dominate; one call per chunk removes that.
+  """
+  return jax.lax.scan(lambda s, b: train_step(s, b, **kw), state, batches)
+
+
 def eval_step(state: TrainState, batch, *, model, transform: Callable, loss_kind: str,
               cached: bool = False):
   """Per-example outputs; the host masks padding so each example counts once."""
@@ -205,10 +214,12 @@ def build_steps(model, *, tx=None, labels=None, train_transform=None, eval_trans
   """The device-parallel callables for one phase (re-built, hence re-compiled, per phase)."""
   steps = {}
   if tx is not None:
-    steps['train'] = parallel(functools.partial(
-        train_step, model=model, tx=tx, labels=labels, transform=train_transform,
-        loss_kind=loss_kind, label_smoothing=label_smoothing, bn_train=bn_train, cached=cached),
-        donate_state=donate, devices=devices)
+    kw = dict(model=model, tx=tx, labels=labels, transform=train_transform, loss_kind=loss_kind,
+              label_smoothing=label_smoothing, bn_train=bn_train, cached=cached)
+    steps['train'] = parallel(functools.partial(train_step, **kw), donate_state=donate,
+                              devices=devices)
+    steps['train_chunk'] = parallel(functools.partial(train_chunk, **kw), donate_state=donate,
+                                    devices=devices)
   if eval_transform is not None:
     steps['eval'] = parallel(functools.partial(eval_step, model=model, transform=eval_transform,
                                                loss_kind=loss_kind, cached=cached),

@@ -72,6 +72,32 @@ def run_variants(config, workdir: str) -> dict[str, Any]:
   return {'variants': summaries, 'table': table}
 
 
+MAX_CHUNK_STEPS = 256
+MAX_CHUNK_BYTES = 64 << 20
+
+
+class _MetricWindow:
+  """Per-step training metrics since the last log line, fetched from devices only when logged."""
+
+  def __init__(self, step: int):
+    self.device, self.host, self.logged = [], {}, step
+
+  def add(self, metrics) -> None:
+    self.device.append(metrics)
+
+  def take(self, n: int) -> dict[str, float]:
+    for m in jax.device_get(self.device):
+      for k, v in m.items():
+        self.host.setdefault(k, []).append(np.atleast_1d(np.asarray(v)[0]))
+    self.device = []
+    out = {}
+    for k, parts in self.host.items():
+      values = np.concatenate(parts)
+      out[k] = float(np.mean(values[:n]))
+      self.host[k] = [values[n:]]
+    return out
+
+
 def _with_features(batches, features: np.ndarray):
   """Swaps each batch's images for the cached features of the same examples (same order)."""
   for b in batches:
@@ -215,9 +241,9 @@ class _Run:
       cached_fns = steps.build_steps(self.model, tx=tx, labels=labels, train_transform=None,
                                      eval_transform=lambda x: x, loss_kind=config.loss.kind,
                                      label_smoothing=config.loss.label_smoothing, cached=True)
-      train_fn, eval_fn = cached_fns['train'], cached_fns['eval']
+      train_fn, chunk_fn, eval_fn = cached_fns['train'], cached_fns['train_chunk'], cached_fns['eval']
     else:
-      train_fn, eval_fn = fns['train'], fns['eval']
+      train_fn, chunk_fn, eval_fn = fns['train'], fns['train_chunk'], fns['eval']
     epoch_offset = sum(p.epochs for p in config.phases[:index])
     every = config.checkpoint.every_steps
     for epoch in range(meta['epoch'], phase.epochs):
@@ -233,22 +259,28 @@ class _Run:
       batches = batching.prefetch(batches, buffer_size=2)
       label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
       self.reporter.start_epoch()
-      pending, shown = [], {}
-      for i, batch in enumerate(batches, start):
-        rstate, m = train_fn(rstate, batch)
-        pending.append(m)
-        meta['step'] += 1
-        meta['step_in_epoch'] = i + 1
-        if meta['step'] % config.log.every_steps == 0 or i + 1 == self.spe:
-          shown = {k: float(np.mean([np.asarray(x[k])[0] for x in jax.device_get(pending)]))
-                   for k in pending[0]}
-          pending = []
-          self.reporter.log({'kind': 'train', 'step': meta['step'], 'phase': phase.name,
-                             'epoch': data_epoch + (i + 1) / self.spe,
-                             'lr': float(optim.schedule(phase, self.spe)(
-                                 meta['step'] - self._phase_start_step(index, meta))), **shown})
-          self.reporter.progress(label, i + 1 - start, self.spe - start, shown,
-                                 (i + 1 - start) * config.batch_size)
+      window = _MetricWindow(meta['step'])
+      for chunk in self._chunks(batches, meta, cached):
+        if len(chunk) == 1 and not cached:
+          rstate, m = train_fn(rstate, chunk[0])
+        else:
+          stacked = {k: np.stack([b[k] for b in chunk], axis=1) for k in chunk[0]}
+          rstate, m = chunk_fn(rstate, stacked)
+        window.add(m)
+        first = meta['step'] + 1
+        meta['step'] += len(chunk)
+        meta['step_in_epoch'] += len(chunk)
+        epoch_start = meta['step'] - meta['step_in_epoch']
+        for s in range(first, meta['step'] + 1):
+          if s % config.log.every_steps == 0 or s - epoch_start == self.spe:
+            shown = window.take(s - window.logged)
+            window.logged = s
+            self.reporter.log({'kind': 'train', 'step': s, 'phase': phase.name,
+                               'epoch': data_epoch + (s - epoch_start) / self.spe,
+                               'lr': float(optim.schedule(phase, self.spe)(
+                                   s - self._phase_start_step(index))), **shown})
+            self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
+                                   (s - epoch_start - start) * config.batch_size)
         if (every and meta['step'] % every == 0) or self._sigterm:
           record['seconds'] = time.time() - start_time
           self._save(rstate, meta)
@@ -297,7 +329,28 @@ class _Run:
       count += 1
     return rstate.replace(batch_stats=jax.tree.map(lambda t: t / count, total))
 
-  def _phase_start_step(self, index: int, meta: dict) -> int:
+  def _chunks(self, batches, meta: dict, cached: bool):
+    """Groups an epoch's batches into device calls: one step each, or scanned chunks when cached.
+
+    Chunk ends depend only on the position (checkpoint steps, a size cap from the
+    epoch start), so a resumed run groups, hence computes, exactly as the original.
+    """
+    every = self.config.checkpoint.every_steps
+    step, in_epoch, chunk = meta['step'], meta['step_in_epoch'], []
+    cap = 1
+    for batch in batches:
+      if cached and not chunk and cap == 1:
+        per_step = sum(np.asarray(v).nbytes for v in batch.values())
+        cap = int(max(1, min(MAX_CHUNK_STEPS, MAX_CHUNK_BYTES // max(per_step, 1))))
+      chunk.append(batch)
+      step, in_epoch = step + 1, in_epoch + 1
+      if not cached or (every and step % every == 0) or in_epoch % cap == 0:
+        yield chunk
+        chunk = []
+    if chunk:
+      yield chunk
+
+  def _phase_start_step(self, index: int) -> int:
     done = sum(p.epochs for p in self.config.phases[:index])
     return done * self.spe
 
