@@ -28,22 +28,23 @@ def get_config(arg: str = ''):
   c.model.head.dropout = 0.2
   c.pretrained.source = 'efficientnet_lite'
   c.input_size = 128          # Lite0 is trained at 224; 128 keeps the CPU demo within minutes
-  c.data.source = 'lfw'
-  c.data.val_fraction = 0.2
-  c.data.test_fraction = 0.2
-  c.augment.scale = (0.5, 1.0)
+  c.data.source = 'digits'
+  c.data.examples_per_class = 10
+  c.data.val_fraction = 0.25
+  c.data.test_fraction = 0.25
+  c.augment.update(dict(flip=False, scale=(0.6, 1.0), ratio=(0.8, 1.25)))  # no mirrored digits
   c.batch_size = 16
-  c.eval_batch_size = 40
+  c.eval_batch_size = 64
+  c.eval.every_epochs = 5
   c.phases = (
-      phase('head_only', epochs=8, trainable='head', optimizer='adam', lr=1e-3, augment=False),
-      phase('fine_tuned', epochs=6, trainable='all', optimizer='adam', lr=1e-4, bn='frozen',
+      phase('head_only', epochs=25, trainable='head', optimizer='adam', lr=2e-3, augment=False),
+      phase('fine_tuned', epochs=10, trainable='all', optimizer='adam', lr=1e-4, bn='frozen',
             schedule='cosine'),
   )
-  c.checkpoint.every_steps = 0
   scratch = ml_collections.ConfigDict()
   scratch.name = 'scratch'
   scratch.pretrained = ml_collections.ConfigDict(dict(source='none'))
-  scratch.phases = (phase('scratch', epochs=14, trainable='all', optimizer='adam', lr=1e-3,
+  scratch.phases = (phase('scratch', epochs=20, trainable='all', optimizer='adam', lr=1e-3,
                           bn='train', precise_bn=8, schedule='cosine'),)
   transfer = ml_collections.ConfigDict(dict(name='transfer'))
   c.variants = (scratch, transfer)

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from tljax import config as config_lib
-from tljax.train import apply_variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
@@ -29,7 +28,7 @@ def test_every_config_validates_and_documents_its_command(path):
     cfg.data.source = 'synthetic'   # folder roots of the recipes need not exist here
   config_lib.validate(cfg)
   for variant in cfg.variants:
-    config_lib.validate(apply_variant(cfg, variant))
+    config_lib.validate(config_lib.apply_variant(cfg, variant))
   doc = open(path).read()
   assert 'python -m tljax.main --config=configs/' + os.path.basename(path) in doc
 

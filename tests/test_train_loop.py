@@ -169,20 +169,21 @@ def test_resume_after_sigterm_sigkill_and_corruption_is_bit_identical(reference_
 
 
 def test_cached_head_phase_matches_recomputing_backbone(reference_run, tmp_path):
-  """Features computed once + scanned head steps == backbone recomputed every step."""
-  config, _, _, _ = reference_run
+  """Features computed once + scanned head steps == backbone recomputed every step.
+
+  The reference run's head phase trained on cached features; this run repeats
+  it recomputing the backbone each step, and the phase-end validation (which
+  depends on every head parameter) must agree.
+  """
+  config, _, _, reference = reference_run
   from tljax.config import phase
-  finals = {}
-  for cache in (True, False):
-    cfg = config.copy_and_resolve_references()
-    with cfg.unlocked():
-      cfg.phases = (phase('head', epochs=2, lr=1e-2, augment=False, cache_features=cache),)
-      cfg.checkpoint.enabled = False
-      cfg.log.update(dict(tensorboard=False, plots=False))
-    summary = train.train_and_evaluate(cfg, str(tmp_path / f'cache_{cache}'))
-    assert summary['phases'][0]['cached'] is cache
-    finals[cache] = (merge.flatten(exported(str(tmp_path / f'cache_{cache}'))), summary)
-  (cached, s_cached), (full, s_full) = finals[True], finals[False]
-  for key, value in full.items():
-    np.testing.assert_allclose(cached[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
-  assert s_cached['final']['val']['accuracy'] == s_full['final']['val']['accuracy']
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.phases = (phase('head', epochs=2, lr=1e-2, augment=False, cache_features=False),)
+    cfg.checkpoint.enabled = False
+    cfg.log.update(dict(tensorboard=False, plots=False))
+  summary = train.train_and_evaluate(cfg, str(tmp_path / 'uncached'))
+  uncached, cached = summary['phases'][0], reference['phases'][0]
+  assert cached['cached'] and not uncached['cached']
+  assert uncached['val']['loss'] == pytest.approx(cached['val']['loss'], rel=1e-5)
+  assert uncached['val']['confusion'] == cached['val']['confusion']

@@ -104,15 +104,25 @@ def test_head_only_phase_leaves_backbone_and_stats_bit_identical(setup):
       variables['params'], 'head'))['trainable']
 
 
-def test_fine_tune_bn_policy(setup):
+@pytest.fixture(scope='module')
+def fine_tuned_on_8_devices(setup):
+  return run_phase(setup, 'all', 'frozen', n_steps=2)[0]
+
+
+def test_fine_tune_with_frozen_bn_keeps_statistics(setup, fine_tuned_on_8_devices):
   _, variables, _ = setup
-  frozen_bn, _ = run_phase(setup, 'all', 'frozen', n_steps=2)
-  training_bn, _ = run_phase(setup, 'all', 'train', n_steps=2)
-  stats = _flat(variables['batch_stats'])
-  assert all(_bit_equal(v, _flat(frozen_bn.batch_stats)[k]) for k, v in stats.items())
-  assert all(not np.array_equal(v, _flat(training_bn.batch_stats)[k]) for k, v in stats.items())
+  final = fine_tuned_on_8_devices
+  for k, v in _flat(variables['batch_stats']).items():
+    assert _bit_equal(v, _flat(final.batch_stats)[k]), k
   assert not np.array_equal(variables['params']['backbone']['conv0']['kernel'],
-                            frozen_bn.params['backbone']['conv0']['kernel'])
+                            final.params['backbone']['conv0']['kernel'])
+
+
+def test_multi_device_equals_single_device(setup, fine_tuned_on_8_devices):
+  one, _ = run_phase(setup, 'all', 'frozen', n_steps=2, devices=jax.local_devices()[:1])
+  for k, v in _flat(one.params).items():
+    np.testing.assert_allclose(v, _flat(fine_tuned_on_8_devices.params)[k], rtol=2e-5, atol=2e-6,
+                               err_msg=k)
 
 
 def _flops(fn, *args):
@@ -143,13 +153,6 @@ def test_head_only_step_costs_about_one_forward(setup):
   assert costs["head"] < 1.3, costs
   assert costs['head'] < costs['top:1'] < costs['all'], costs
   assert costs['all'] > 2.0, costs
-
-
-def test_multi_device_equals_single_device(setup):
-  one, _ = run_phase(setup, 'all', 'frozen', n_steps=2, devices=jax.local_devices()[:1])
-  eight, _ = run_phase(setup, 'all', 'frozen', n_steps=2, devices=jax.local_devices()[:8])
-  for k, v in _flat(one.params).items():
-    np.testing.assert_allclose(v, _flat(eight.params)[k], rtol=2e-5, atol=2e-6, err_msg=k)
 
 
 def test_softmax_loss_with_label_smoothing_matches_formula():
@@ -185,33 +188,14 @@ def test_binary_head_trains(setup):
   assert metrics[-1]['loss'][0] < 0.8 * metrics[0]['loss'][0]
 
 
-def test_cached_features_step_matches_full_model_step(setup):
-  """A head step on precomputed features is the same computation, dropout included."""
-  base_model, _, blocks = setup
-  model = models.create('simple_cnn_tiny', 3, head=dict(hidden=(8,), dropout=0.5))
-  variables = fast_variables(model, seed=2)
-  batches = [make_batch(8, seed=i) for i in range(3)]
-  state = steps.TrainState(variables['params'], variables['batch_stats'], None,
-                           np.zeros((), np.int32), steps.make_key(0))
-  feature_fn = steps.build_steps(model, train_transform=to_input, pool=True)['features']
-  key = np.zeros((8,) + steps.make_key(0).shape, np.uint32)
-  cached = [{'feature': np.asarray(feature_fn(steps.replicate(state), {'image': b['image']}, key)),
-             'label': b['label']} for b in batches]
-  assert cached[0]['feature'].shape == (8, 2, 16)
-  full, _ = run_phase(setup, 'head', 'frozen', model=model, variables=variables, batches=batches)
-  fast, _ = run_phase(setup, 'head', 'frozen', model=model, variables=variables,
-                      cached_batches=cached)
-  for k, v in _flat(full.params).items():
-    np.testing.assert_allclose(v, _flat(fast.params)[k], rtol=1e-5, atol=1e-6, err_msg=k)
-
-
-def test_bfloat16_compute_keeps_float32_params(setup):
-  _, _, blocks = setup
+def test_bn_training_in_bfloat16_updates_statistics_and_keeps_float32_params(setup):
   model = models.create('simple_cnn_tiny', 3, head=dict(hidden=(8,)), dtype=jnp.bfloat16)
   variables = fast_variables(model, seed=3)
   final, metrics = run_phase(setup, 'all', 'train', n_steps=2, model=model, variables=variables)
   assert all(v.dtype == np.float32 for v in jax.tree.leaves(final.params))
   assert np.isfinite(metrics[-1]['loss']).all()
+  for k, v in _flat(variables['batch_stats']).items():
+    assert not np.array_equal(v, _flat(final.batch_stats)[k]), k
 
 
 def test_precise_bn_step_returns_the_batch_statistics(setup):

@@ -8,6 +8,7 @@ are touched, so a typo in a launch flag costs a second, not an epoch.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import ml_collections
@@ -116,6 +117,26 @@ def _tiny_variant(v):
   if 'phases' in v:
     v.phases = tuple(phase(**{**p, 'epochs': 1}) for p in v.to_dict()['phases'])
   return v
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant) -> ml_collections.ConfigDict:
+  """The base config with the variant's fields replacing (recursively) the base's."""
+  cfg = copy.deepcopy(config)
+
+  def merge(dst, src, top):
+    for key in src.keys():
+      if top and key == 'name':
+        continue
+      value = src[key]
+      if isinstance(value, ml_collections.ConfigDict) and isinstance(dst[key], ml_collections.ConfigDict):
+        merge(dst[key], value, False)
+      else:
+        dst[key] = copy.deepcopy(value)
+
+  with cfg.unlocked():
+    merge(cfg, variant, True)
+    cfg.variants = ()
+  return cfg
 
 
 def _fail(field: str, value, expected: str):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -48,6 +48,8 @@ def main(argv: list[str]) -> None:
     _usage(f'unexpected arguments {argv[1:]}; options are --config, --workdir, --mode, --config.*')
   if _CONFIG.value is None or not FLAGS.workdir:
     _usage('need --config=configs/<name>.py and --workdir=DIR')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   config = _CONFIG.value
   from tljax.config import validate
   try:

@@ -158,8 +158,15 @@ def train_chunk(state: TrainState, batches, **kw):
 
   For cached-feature head steps the work per step is tiny and dispatching
   the full state K times would dominate; one call per chunk removes that.
+  Chunks have one fixed length per phase (one compilation): padding steps
+  carry `valid=False` and leave the state exactly as it was.
   """
-  return jax.lax.scan(lambda s, b: train_step(s, b, **kw), state, batches)
+  def body(s, b):
+    valid = b.pop('valid')
+    new, metrics = train_step(s, b, **kw)
+    return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, s), metrics
+
+  return jax.lax.scan(body, state, dict(batches))
 
 
 def eval_step(state: TrainState, batch, *, model, transform: Callable, loss_kind: str,

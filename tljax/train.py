@@ -11,20 +11,19 @@ bits as one that never stopped.
 
 from __future__ import annotations
 
-import copy
+import json
 import os
 import signal
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from tljax import components, evaluate, optim, report, steps
+from tljax import components, evaluate, feature_cache, optim, report, steps
 from tljax.checkpoint import Checkpointer
-from tljax.config import validate
+from tljax.config import apply_variant, validate
 from tljax.steps import TrainState
 
 
@@ -32,32 +31,12 @@ class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains every phase (or every variant) and returns the run summary."""
   validate(config)
   if config.variants:
     return run_variants(config, workdir)
   return _Run(config, workdir).run()
-
-
-def apply_variant(config: ml_collections.ConfigDict, variant) -> ml_collections.ConfigDict:
-  """The base config with the variant's fields replacing (recursively) the base's."""
-  cfg = copy.deepcopy(config)
-
-  def merge(dst, src):
-    for key in src.keys():
-      if key == 'name' and dst is cfg:
-        continue
-      value = src[key]
-      if isinstance(value, ml_collections.ConfigDict) and isinstance(dst[key], ml_collections.ConfigDict):
-        merge(dst[key], value)
-      else:
-        dst[key] = copy.deepcopy(value)
-
-  with cfg.unlocked():
-    merge(cfg, variant)
-    cfg.variants = ()
-  return cfg
 
 
 def run_variants(config, workdir: str) -> dict[str, Any]:
@@ -72,6 +51,15 @@ def run_variants(config, workdir: str) -> dict[str, Any]:
   return {'variants': summaries, 'table': table}
 
 
+def _stack(chunk: list[dict], length: int) -> dict:
+  """[D, K, ...] batches for `steps.train_chunk`, padded to `length` with invalid steps."""
+  pad = [chunk[-1]] * (length - len(chunk))
+  out = {k: np.stack([b[k] for b in chunk + pad], axis=1) for k in chunk[0]}
+  n_dev = out['label'].shape[0]
+  out['valid'] = np.broadcast_to(np.arange(length) < len(chunk), (n_dev, length))
+  return out
+
+
 MAX_CHUNK_STEPS = 256
 MAX_CHUNK_BYTES = 64 << 20
 
@@ -82,13 +70,13 @@ class _MetricWindow:
   def __init__(self, step: int):
     self.device, self.host, self.logged = [], {}, step
 
-  def add(self, metrics) -> None:
-    self.device.append(metrics)
+  def add(self, metrics, steps: int) -> None:
+    self.device.append((metrics, steps))
 
   def take(self, n: int) -> dict[str, float]:
-    for m in jax.device_get(self.device):
+    for m, steps_in_call in jax.device_get(self.device):
       for k, v in m.items():
-        self.host.setdefault(k, []).append(np.atleast_1d(np.asarray(v)[0]))
+        self.host.setdefault(k, []).append(np.atleast_1d(np.asarray(v)[0])[:steps_in_call])
     self.device = []
     out = {}
     for k, parts in self.host.items():
@@ -96,12 +84,6 @@ class _MetricWindow:
       out[k] = float(np.mean(values[:n]))
       self.host[k] = [values[n:]]
     return out
-
-
-def _with_features(batches, features: np.ndarray):
-  """Swaps each batch's images for the cached features of the same examples (same order)."""
-  for b in batches:
-    yield {'feature': features[b['index']], 'label': b['label']}
 
 
 class _Run:
@@ -117,6 +99,7 @@ class _Run:
                          f'use a multiple of {n_dev}.')
     self.reporter = report.Reporter(workdir, tensorboard=config.log.tensorboard,
                                     progress=config.log.progress)
+    _warn_if_config_changed(config, workdir)
     self.reporter.write_config(config)
     pretrained, weights_meta = components.pretrained_weights(config)
     self.pp = pp = components.preprocessing(config, weights_meta)
@@ -206,14 +189,17 @@ class _Run:
     return self.aug_tf if phase.augment else (lambda key, x: self.eval_tf(x))
 
   def _can_cache(self, phase, labels) -> bool:
-    from tljax.data import Split
-    trainable, _ = optim.split(self.variables['params'], labels)
-    if not (phase.cache_features and phase.bn == 'frozen'
-            and all(k.startswith('head/') for k in trainable)):
-      return False
-    if phase.augment and not phase.cache_views:
-      return False
-    return all(isinstance(s, Split) for s in self.splits.values())
+    reason = feature_cache.eligible(phase, self.variables['params'], labels, self.splits)
+    if reason is None:
+      pool = self.config.model.head.pool in ('avg', 'max')
+      views = max(1, phase.cache_views) if phase.augment else 1
+      per = feature_cache.feature_nbytes(self.model, self.variables, self.pp.input_size, pool)
+      need = per * (views * len(self.train_split) + len(self.splits['val'])) / 2**20
+      if need > self.config.data.cache_budget_mb:
+        reason = f'{need:.0f} MB of features exceed data.cache_budget_mb'
+    if reason and phase.cache_features:
+      self.notes.append(f'phase {phase.name}: features not cached: {reason}')
+    return reason is None
 
   def _run_phase(self, index: int, phase, state: TrainState, meta: dict, resuming: bool):
     config, batching = self.config, self.batching
@@ -253,40 +239,42 @@ class _Run:
                                        epoch=data_epoch, start_step=start)
       if features is not None:
         views = features['train']
-        batches = _with_features(batches, views[data_epoch % len(views)])
+        batches = feature_cache.with_features(batches, views[data_epoch % len(views)])
       else:
         batches = ({'image': b['image'], 'label': b['label']} for b in batches)
       batches = batching.prefetch(batches, buffer_size=2)
       label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
       self.reporter.start_epoch()
       window = _MetricWindow(meta['step'])
-      for chunk in self._chunks(batches, meta, cached):
-        if len(chunk) == 1 and not cached:
-          rstate, m = train_fn(rstate, chunk[0])
-        else:
-          stacked = {k: np.stack([b[k] for b in chunk], axis=1) for k in chunk[0]}
-          rstate, m = chunk_fn(rstate, stacked)
-        window.add(m)
-        first = meta['step'] + 1
-        meta['step'] += len(chunk)
-        meta['step_in_epoch'] += len(chunk)
-        epoch_start = meta['step'] - meta['step_in_epoch']
-        for s in range(first, meta['step'] + 1):
-          if s % config.log.every_steps == 0 or s - epoch_start == self.spe:
-            shown = window.take(s - window.logged)
-            window.logged = s
-            self.reporter.log({'kind': 'train', 'step': s, 'phase': phase.name,
-                               'epoch': data_epoch + (s - epoch_start) / self.spe,
-                               'lr': float(optim.schedule(phase, self.spe)(
-                                   s - self._phase_start_step(index))), **shown})
-            self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
-                                   (s - epoch_start - start) * config.batch_size)
-        if (every and meta['step'] % every == 0) or self._sigterm:
-          record['seconds'] = time.time() - start_time
-          self._save(rstate, meta)
-          if self._sigterm:
-            raise Preempted(f'SIGTERM: saved the checkpoint of step {meta["step"]} in '
-                            f'{self.workdir}; re-run the same command to resume.')
+      try:
+        for chunk in self._chunks(batches, meta, cached):
+          if len(chunk) == 1 and not cached:
+            rstate, m = train_fn(rstate, chunk[0])
+          else:
+            rstate, m = chunk_fn(rstate, _stack(chunk, self._chunk_len))
+          window.add(m, len(chunk))
+          first = meta['step'] + 1
+          meta['step'] += len(chunk)
+          meta['step_in_epoch'] += len(chunk)
+          epoch_start = meta['step'] - meta['step_in_epoch']
+          for s in range(first, meta['step'] + 1):
+            if s % config.log.every_steps == 0 or s - epoch_start == self.spe:
+              shown = window.take(s - window.logged)
+              window.logged = s
+              self.reporter.log({'kind': 'train', 'step': s, 'phase': phase.name,
+                                 'epoch': data_epoch + (s - epoch_start) / self.spe,
+                                 'lr': float(optim.schedule(phase, self.spe)(
+                                     s - self._phase_start_step(index))), **shown})
+              self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
+                                     (s - epoch_start - start) * config.batch_size)
+          if (every and meta['step'] % every == 0) or self._sigterm:
+            record['seconds'] = time.time() - start_time
+            self._save(rstate, meta)
+            if self._sigterm:
+              raise Preempted(f'SIGTERM: saved the checkpoint of step {meta["step"]} in '
+                              f'{self.workdir}; re-run the same command to resume.')
+      finally:
+        batches.close()
       meta['epoch'], meta['step_in_epoch'] = epoch + 1, 0
       if phase.bn == 'train' and phase.precise_bn:
         rstate = self._precise_bn(fns['bn_stats'], rstate, phase.precise_bn, data_epoch)
@@ -339,9 +327,10 @@ class _Run:
     step, in_epoch, chunk = meta['step'], meta['step_in_epoch'], []
     cap = 1
     for batch in batches:
-      if cached and not chunk and cap == 1:
+      if cached and cap == 1:
         per_step = sum(np.asarray(v).nbytes for v in batch.values())
-        cap = int(max(1, min(MAX_CHUNK_STEPS, MAX_CHUNK_BYTES // max(per_step, 1))))
+        cap = int(max(1, min(MAX_CHUNK_STEPS, self.spe, MAX_CHUNK_BYTES // max(per_step, 1))))
+        self._chunk_len = cap
       chunk.append(batch)
       step, in_epoch = step + 1, in_epoch + 1
       if not cached or (every and step % every == 0) or in_epoch % cap == 0:
@@ -369,49 +358,23 @@ class _Run:
     """Backbone outputs of train (K views) and val, computed once for a head-only phase."""
     t0 = time.time()
     n_views = max(1, phase.cache_views) if phase.augment else 1
-    base = jax.random.fold_in(steps.wrap_key(steps.make_key(self.config.seed)), 0xFEA7)
-    train = [self._features(fn, rstate, self.train_split, jax.random.fold_in(base, v))
-             for v in range(n_views)]
-    eval_fn = steps.build_steps(self.model, train_transform=lambda key, x: self.eval_tf(x),
-                                pool=self.config.model.head.pool in ('avg', 'max'))['features']
-    val = self._features(eval_fn if phase.augment else fn, rstate, self.splits['val'], base)
+    base = feature_cache.views_key(self.config.seed)
+    extract = lambda f, split, key: feature_cache.extract(f, rstate, split, key, self.batching,
+                                                          self.eval_bs)
+    train = [extract(fn, self.train_split, jax.random.fold_in(base, v)) for v in range(n_views)]
+    if phase.augment:
+      fn = steps.build_steps(self.model, train_transform=lambda key, x: self.eval_tf(x),
+                             pool=self.config.model.head.pool in ('avg', 'max'))['features']
+    val = extract(fn, self.splits['val'], base)
     megabytes = (sum(t.nbytes for t in train) + val.nbytes) / 2**20
     self.notes.append(f'phase {phase.name}: backbone features cached once ({n_views} view(s), '
                       f'{megabytes:.1f} MB) in {time.time() - t0:.1f}s')
     return {'train': train, 'val': [val]}
 
-  def _features(self, fn, rstate, split, key) -> np.ndarray:
-    n_dev = jax.local_device_count()
-    outs = []
-    for j, batch in enumerate(self.batching.eval_batches(split, self.eval_bs)):
-      k = np.asarray(jax.random.key_data(jax.random.fold_in(key, j)))
-      k = np.broadcast_to(k, (n_dev,) + k.shape)
-      outs.append((fn(rstate, {'image': batch['image']}, k), batch['mask'].reshape(-1),
-                   batch['index'].reshape(-1)))
-    feats = None
-    for out, mask, index in outs:
-      out = np.asarray(out).reshape((-1,) + out.shape[2:])
-      if feats is None:
-        feats = np.zeros((len(split),) + out.shape[1:], out.dtype)
-      feats[index[mask]] = out[mask]
-    return feats
-
-  def _feature_eval_batches(self, feats: np.ndarray, labels: np.ndarray):
-    n_dev = jax.local_device_count()
-    per = self.eval_bs // n_dev
-    for start in range(0, len(labels), self.eval_bs):
-      f, lab = feats[start:start + self.eval_bs], labels[start:start + self.eval_bs]
-      pad = self.eval_bs - len(lab)
-      mask = np.arange(self.eval_bs) < len(lab)
-      f = np.concatenate([f, np.zeros((pad,) + f.shape[1:], f.dtype)])
-      lab = np.concatenate([lab, np.zeros(pad, lab.dtype)])
-      yield {'feature': f.reshape((n_dev, per) + f.shape[1:]), 'label': lab.reshape(n_dev, per),
-             'mask': mask.reshape(n_dev, per)}
-
   def _evaluate(self, eval_fn, rstate, split_name: str, features) -> dict[str, Any]:
     split = self.splits[split_name]
     if features is not None and split_name in features:
-      batches = self._feature_eval_batches(features[split_name][0], split.labels)
+      batches = feature_cache.eval_batches(features[split_name][0], split.labels, self.eval_bs)
     else:
       batches = self.batching.eval_batches(split, self.eval_bs)
     return evaluate.metrics(evaluate.collect(eval_fn, rstate, batches), self.class_names)
@@ -450,6 +413,22 @@ class _Run:
          'num_classes': components.num_outputs(self.config, len(self.class_names)),
          'preprocessing': self.pp.to_json(), 'labels': self.class_names, 'head': head,
          'arch_kw': self.config.model.arch_kw.to_dict()})
+
+
+def _warn_if_config_changed(config, workdir: str) -> None:
+  """Resuming a workdir with a different config is allowed, but never silently."""
+  path = os.path.join(workdir, 'config.json')
+  if not (os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    return
+  with open(path) as f:
+    before = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+  if changed:
+    msg = (f'{workdir} holds checkpoints of a run whose config differs in {changed}; resuming '
+           'it with the new config (use a fresh --workdir to start over).')
+    logging.warning(msg)
+    print('WARNING: ' + msg, flush=True)
 
 
 def _model_vars(rstate) -> dict:
