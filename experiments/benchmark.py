@@ -1,0 +1,270 @@
+"""Benchmark suite: tljax vs torchvision vs Keras 3, CPU or GPU, one command.
+
+  python -m experiments.benchmark --out=bench.json                # CPU, everything
+  python -m experiments.benchmark --models=mobilenet_v2 --batch=8 --iters=3 --no-micro
+  python -m experiments.benchmark --gpu --peak_tflops=989 --out=gpu.json    # H100, bf16
+  python -m experiments.benchmark --smoke                         # every code path, tiny
+
+Each (framework, model, dtype) runs in its own Python process, so one
+framework's threads, allocator state or crash cannot touch another's numbers;
+a framework or model that is missing or fails is reported as n/a. The JSON
+written to --out holds every sample; `tools/perf_readme.py` renders it.
+Run on a quiet machine: the timings are medians, not magic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+DEFAULT_MODELS = ('resnet34', 'resnet50', 'mobilenet_v2', 'mobilenet_v3_large',
+                  'efficientnet_lite0', 'inception_v3')
+SMOKE_MODELS = ('mobilenet_v2', 'resnet50')
+MARK = '@@BENCH-RESULT@@'
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default=','.join(DEFAULT_MODELS))
+  p.add_argument('--batch', type=int, default=None, help='default 32 (CPU), 128 (GPU)')
+  p.add_argument('--iters', type=int, default=None, help='timed iterations (default 5 CPU, 20 GPU)')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--size', type=int, default=None, help='override every model\'s input size')
+  p.add_argument('--dtypes', default=None, help='default float32 (CPU), bfloat16 (GPU)')
+  p.add_argument('--frameworks', default='tljax,torch-eager,torch-compile,keras')
+  p.add_argument('--impls', default=None, help='tljax conv paths: default fast,xla (CPU), xla (GPU)')
+  p.add_argument('--modes', default='inference,head_step,full_step,cached_head_step')
+  p.add_argument('--micro', action=argparse.BooleanOptionalAction, default=None,
+                 help='single-conv microbenchmarks (default: on for CPU)')
+  p.add_argument('--micro_batch', type=int, default=32)
+  p.add_argument('--gpu', action='store_true', help='run on the GPU: bf16, torch AMP, MFU')
+  p.add_argument('--peak_tflops', type=float, default=None,
+                 help='accelerator peak for MFU (H100 SXM bf16 dense: 989)')
+  p.add_argument('--threads', type=int, default=None,
+                 help='torch threads (default: CPUs this process may use, as XLA does)')
+  p.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
+                 help='glibc malloc tuning (tljax.ops.host_memory), applied to every framework')
+  p.add_argument('--smoke', action='store_true', help='tiny settings: checks every code path')
+  p.add_argument('--timeout', type=int, default=3600, help='seconds per worker process')
+  p.add_argument('--out', default=None, help='write the JSON here')
+  p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  _fill_defaults(args)
+  return args
+
+
+def _fill_defaults(args):
+  if args.smoke:
+    args.models = args.models if args.models != ','.join(DEFAULT_MODELS) else ','.join(SMOKE_MODELS)
+    args.batch, args.iters, args.warmup = args.batch or 2, args.iters or 1, 1
+    args.size = args.size or 96
+    args.micro_batch = 2
+    args.impls = args.impls or ('xla' if args.gpu else 'fast')
+  args.batch = args.batch or (128 if args.gpu else 32)
+  args.iters = args.iters or (20 if args.gpu else 5)
+  args.dtypes = args.dtypes or ('bfloat16' if args.gpu else 'float32')
+  args.impls = args.impls or ('xla' if args.gpu else 'fast,xla')
+  if args.micro is None:
+    args.micro = not args.gpu
+  if args.threads is None:
+    args.threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+# ----------------------------------------------------------------------------- workers
+
+def run_worker(spec: dict) -> dict:
+  """Runs one job in this process (called in a child started by `launch`)."""
+  if spec['malloc'] == 'tuned':
+    from tljax.ops.host_memory import tune_host_allocator
+    tune_host_allocator()
+  kind = spec['kind']
+  if kind.startswith('micro'):
+    from experiments import bench_micro
+    return {'micro': bench_micro.run(
+        batch=spec['batch'], iters=spec['iters'], warmup=spec['warmup'], dtypes=[spec['dtype']],
+        impls=('xla', 'fast') if kind == 'micro-jax' else (),
+        with_torch=kind == 'micro-torch', names=tuple(spec.get('names', ())))}
+  if kind == 'tljax':
+    import jax
+    if spec['gpu'] and jax.default_backend() == 'cpu':
+      raise RuntimeError('--gpu was given but JAX sees no GPU (jax.default_backend() == "cpu").')
+    from experiments import bench_tljax
+    return bench_tljax.run_model(spec['model'], batch=spec['batch'], dtype=spec['dtype'],
+                                 impls=spec['impls'], iters=spec['iters'], warmup=spec['warmup'],
+                                 size=spec['size'], modes=tuple(spec['modes']))
+  if kind.startswith('torch'):
+    from experiments import bench_torch
+    return {'results': bench_torch.run_model(
+        spec['model'], batch=spec['batch'], size=spec['size'], dtype=spec['dtype'],
+        device='cuda' if spec['gpu'] else 'cpu', modes_to_run=spec['modes'], iters=spec['iters'],
+        warmup=spec['warmup'], compile_modes=(kind.split('-', 1)[1],), threads=spec['threads'])}
+  if kind == 'keras':
+    from experiments import bench_keras
+    return {'results': bench_keras.run_model(spec['model'], batch=spec['batch'], size=spec['size'],
+                                             dtype=spec['dtype'], modes_to_run=spec['modes'],
+                                             iters=spec['iters'], warmup=spec['warmup'])}
+  raise ValueError(f'unknown worker kind {kind!r}')
+
+
+def launch(spec: dict, timeout: int) -> dict:
+  """Runs `spec` in a fresh interpreter, echoing its progress; {'error': ...} if it fails."""
+  env = dict(os.environ, KERAS_BACKEND='jax', PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
+  if not spec['gpu']:
+    env['JAX_PLATFORMS'] = 'cpu'
+  cmd = [sys.executable, '-m', 'experiments.benchmark', '--worker', json.dumps(spec)]
+  print(f'[{spec["kind"]}] {spec.get("model", "")} {spec["dtype"]}', flush=True)
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  except subprocess.TimeoutExpired:
+    print(f'  timed out after {timeout}s', flush=True)
+    return {'error': f'worker timed out after {timeout}s'}
+  result = None
+  for line in proc.stdout.splitlines():
+    if line.startswith(MARK):
+      result = json.loads(line[len(MARK):])
+    elif line.strip():
+      print(line, flush=True)
+  if result is None:
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    print(f'  worker failed (exit {proc.returncode}): {tail}', flush=True)
+    return {'error': f'exit {proc.returncode}: {tail[:300]}'}
+  return result
+
+
+def _available(module: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec(module) is not None
+
+
+# ----------------------------------------------------------------------------- suite
+
+def metadata(args, argv) -> dict:
+  versions = {}
+  for dist in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'keras', 'numpy'):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  cpu = platform.processor() or 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+  except OSError:
+    pass
+  try:
+    git = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                         check=False).stdout.strip() or None
+  except OSError:
+    git = None
+  meta = {'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+          'cpu': cpu, 'cpus': os.cpu_count(), 'threads': args.threads, 'platform': platform.platform(),
+          'python': platform.python_version(), 'versions': versions, 'batch': args.batch,
+          'iters': args.iters, 'warmup': args.warmup, 'malloc_tuned': args.malloc == 'tuned',
+          'gpu': args.gpu, 'peak_tflops': args.peak_tflops, 'git': git, 'smoke': args.smoke,
+          'command': 'python -m experiments.benchmark ' + ' '.join(shlex.quote(a) for a in argv)}
+  if args.gpu and _available('torch'):
+    try:
+      import torch
+      meta['gpu_name'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 — a name is a nicety.
+      pass
+  return meta
+
+
+def jobs(args) -> list[dict]:
+  base = dict(batch=args.batch, iters=args.iters, warmup=args.warmup, gpu=args.gpu, size=args.size,
+              malloc=args.malloc, threads=args.threads, modes=args.modes.split(','),
+              impls=args.impls.split(','))
+  frameworks = args.frameworks.split(',')
+  out = []
+  for dtype in args.dtypes.split(','):
+    if args.micro:
+      micro = dict(base, batch=args.micro_batch, dtype=dtype, names=())
+      out.append(dict(micro, kind='micro-jax'))
+      if 'torch-eager' in frameworks and not args.gpu:
+        out.append(dict(micro, kind='micro-torch'))
+    for model in args.models.split(','):
+      for fw in frameworks:
+        if fw == 'keras' and args.gpu:
+          continue
+        out.append(dict(base, kind=fw, model=model, dtype=dtype))
+  return out
+
+
+def merge(job: dict, result: dict, suite: dict, sizes: dict):
+  if job['kind'].startswith('micro'):
+    rows = {(r['case'], r['dtype']): r for r in suite['micro']}
+    for row in result.get('micro', []):
+      key = (row['case'], row['dtype'])
+      if key in rows:
+        rows[key]['results'].update(row['results'])
+      else:
+        suite['micro'].append(row)
+        rows[key] = row
+    return
+  key = (job['model'], job['dtype'])
+  row = next((r for r in suite['models'] if (r['model'], r['dtype']) == key), None)
+  if row is None:
+    row = {'model': job['model'], 'dtype': job['dtype'], 'batch': job['batch'],
+           'input_size': sizes.get(job['model']), 'results': {}}
+    suite['models'].append(row)
+  if 'error' in result:
+    names = ([f'tljax-{i}' for i in job['impls']] if job['kind'] == 'tljax' else [job['kind']])
+    for name in names:
+      row['results'][name] = {'error': result['error']}
+    return
+  for k in ('input_size', 'params', 'flops', 'opt_state_bytes'):
+    if k in result:
+      row[k] = result[k]
+  row['results'].update(result['results'])
+
+
+def input_sizes(args) -> dict:
+  from tljax import models
+  sizes = {}
+  for name in args.models.split(','):
+    try:
+      sizes[name] = args.size or models.input_size(name)
+    except Exception as exc:  # noqa: BLE001 — reported per model below.
+      print(f'note: {name}: {exc}', flush=True)
+      sizes[name] = args.size or 224
+  return sizes
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  if args.worker:
+    spec = json.loads(args.worker)
+    print(MARK + json.dumps(run_worker(spec)), flush=True)
+    return
+  suite = {'meta': metadata(args, argv), 'micro': [], 'models': []}
+  sizes = input_sizes(args)
+  for job in jobs(args):
+    job['size'] = job['size'] or sizes.get(job.get('model'))
+    merge(job, launch(job, args.timeout), suite, sizes)
+    if args.out:
+      _write(args.out, suite)
+  from experiments.bench_tables import markdown
+  print('\n' + markdown(suite))
+  if not args.gpu:
+    print('Note: CPU timings are only meaningful on an otherwise idle machine.')
+
+
+def _write(path: str, suite: dict):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(suite, f, indent=1)
+  os.replace(tmp, path)
+
+
+if __name__ == '__main__':
+  main()
