@@ -1,0 +1,26 @@
+"""Regenerates every golden parity fixture from the real reference libraries.
+
+Run in the reference environment (`make fixtures`): torchvision, Keras and
+efficientnet-lite-pytorch produce the outputs that CI later compares against.
+"""
+
+import subprocess
+import sys
+
+GENERATORS = (
+    'tools.fixtures_torch_pickles',
+    'tools.fixtures_torchvision',
+    'tools.fixtures_torchvision_mobilenet',
+    'tools.fixtures_keras',
+    'tools.fixtures_efficientnet',
+)
+
+
+def main():
+  for module in GENERATORS:
+    print(f'== {module}', flush=True)
+    subprocess.run([sys.executable, '-m', module], check=True)
+
+
+if __name__ == '__main__':
+  main()
