@@ -141,7 +141,8 @@ class Bench:
     extract = time.perf_counter() - t0
     cfns, cstate = self.train_fn('head', cached=True)
     chunk = {'feature': np.stack(feats, axis=1),
-             'label': np.stack([self.labels] * n_steps, axis=1)}
+             'label': np.stack([self.labels] * n_steps, axis=1),
+             'valid': np.ones((self.n_dev, n_steps), bool)}
     cstate, m = cfns['train_chunk'](cstate, chunk)
     jax.block_until_ready(m)
     t0 = time.perf_counter()

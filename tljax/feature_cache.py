@@ -19,6 +19,8 @@ import numpy as np
 
 from tljax import optim, steps
 
+BACKBONE_TRAINS = 'backbone parameters train'
+
 
 def eligible(phase, params: Mapping, labels: Mapping, splits: Mapping) -> str | None:
   """None if the phase can train on cached features, else the reason it cannot."""
@@ -27,7 +29,7 @@ def eligible(phase, params: Mapping, labels: Mapping, splits: Mapping) -> str | 
     return 'disabled (cache_features=False)'
   trainable, _ = optim.split(params, labels)
   if not all(k.startswith('head/') for k in trainable):
-    return 'backbone parameters train'
+    return BACKBONE_TRAINS
   if phase.bn != 'frozen':
     return "BatchNorm trains (bn='train')"
   if phase.augment and not phase.cache_views:

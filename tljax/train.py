@@ -197,7 +197,7 @@ class _Run:
       need = per * (views * len(self.train_split) + len(self.splits['val'])) / 2**20
       if need > self.config.data.cache_budget_mb:
         reason = f'{need:.0f} MB of features exceed data.cache_budget_mb'
-    if reason and phase.cache_features:
+    if reason and phase.cache_features and reason != feature_cache.BACKBONE_TRAINS:
       self.notes.append(f'phase {phase.name}: features not cached: {reason}')
     return reason is None
 
@@ -246,6 +246,9 @@ class _Run:
       label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
       self.reporter.start_epoch()
       window = _MetricWindow(meta['step'])
+      # Long phases (a cached head trains 100 epochs in seconds) show about ten bars.
+      show_epoch = (epoch + 1) % max(1, phase.epochs // 10) == 0 or epoch == 0 \
+          or epoch + 1 == phase.epochs
       try:
         for chunk in self._chunks(batches, meta, cached):
           if len(chunk) == 1 and not cached:
@@ -265,8 +268,9 @@ class _Run:
                                  'epoch': data_epoch + (s - epoch_start) / self.spe,
                                  'lr': float(optim.schedule(phase, self.spe)(
                                      s - self._phase_start_step(index))), **shown})
-              self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
-                                     (s - epoch_start - start) * config.batch_size)
+              if show_epoch:
+                self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
+                                       (s - epoch_start - start) * config.batch_size)
           if (every and meta['step'] % every == 0) or self._sigterm:
             record['seconds'] = time.time() - start_time
             self._save(rstate, meta)
