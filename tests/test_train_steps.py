@@ -53,7 +53,7 @@ def setup():
 
 
 def run_phase(setup, rule, bn, n_steps=3, devices=None, loss='softmax', model=None, variables=None,
-              cached_batches=None, batches=None, optimizer='adam'):
+              cached_batches=None, batches=None, optimizer='adam', cache=None):
   base_model, base_vars, blocks = setup
   model, variables = model or base_model, variables or base_vars
   devices = devices or jax.local_devices()
@@ -74,7 +74,7 @@ def run_phase(setup, rule, bn, n_steps=3, devices=None, loss='softmax', model=No
       batch = batches[i]
     else:
       batch = make_batch(len(devices), seed=i)
-    rstate, m = fns['train'](rstate, batch)
+    rstate, m = fns['train'](rstate, batch, cache)
     metrics.append(m)
   return steps.unreplicate(rstate), jax.device_get(metrics)
 
@@ -153,6 +153,21 @@ def test_head_only_step_costs_about_one_forward(setup):
   assert costs["head"] < 1.3, costs
   assert costs['head'] < costs['top:1'] < costs['all'], costs
   assert costs['all'] > 2.0, costs
+
+
+def test_gathering_images_on_device_is_bit_identical_to_shipping_them(setup):
+  from tljax.data import batching
+  from tljax.data.split import Split
+  rng = np.random.default_rng(7)
+  images = rng.integers(0, 255, (48,) + SHAPE[1:], dtype=np.uint8)
+  split = Split(images, rng.integers(0, 3, 48), ['a', 'b', 'c'], [str(i) for i in range(48)])
+  shipped = list(batching.train_batches(split, 16, seed=0, epoch=0))
+  indexed = [{'index': b['index'], 'label': b['label']} for b in shipped]
+  host, _ = run_phase(setup, 'all', 'train', batches=[{'image': b['image'], 'label': b['label']}
+                                                     for b in shipped])
+  device, _ = run_phase(setup, 'all', 'train', batches=indexed, cache=batching.device_cache(split))
+  for k, v in _flat(host.params).items():
+    assert _bit_equal(v, _flat(device.params)[k]), k
 
 
 def test_softmax_loss_with_label_smoothing_matches_formula():

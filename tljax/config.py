@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()
   c.augment = default_augment_config()
   c.loss = ml_collections.ConfigDict(dict(kind='softmax', label_smoothing=0.0))
+  c.device_cache_mb = 2048   # train split held on every device (host sends indices) if it fits
   c.batch_size = 32          # global, divisible by the number of local devices
   c.eval_batch_size = 0      # 0 = batch_size
   c.phases = (phase('head'),)
@@ -166,7 +167,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('loss.kind', c.loss.kind, LOSSES)
   if not 0.0 <= c.loss.label_smoothing < 1.0:
     _fail('loss.label_smoothing', c.loss.label_smoothing, 'expected 0 <= smoothing < 1')
-  for field in ('input_size', 'load_size', 'eval_batch_size'):
+  for field in ('input_size', 'load_size', 'eval_batch_size', 'device_cache_mb'):
     if c[field] < 0:
       _fail(field, c[field], 'expected >= 0 (0 = default)')
   if c.batch_size < 1:

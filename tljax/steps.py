@@ -123,12 +123,21 @@ def forward(model, params, batch_stats, inputs, *, cached: bool, bn_train: bool,
   return model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs), batch_stats
 
 
-def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformation, labels,
-               transform: Callable, loss_kind: str, label_smoothing: float, bn_train: bool,
-               cached: bool = False):
+def batch_images(batch, cache):
+  """The batch's uint8 images: shipped with it, or gathered on device from `cache` by index.
+
+  `cache` is this device's copy of the whole decoded split
+  (`tljax.data.batching.device_cache`); with it the host sends only indices.
+  """
+  return batch['image'] if cache is None else jnp.take(cache, batch['index'], axis=0)
+
+
+def train_step(state: TrainState, batch, cache=None, *, model, tx: optax.GradientTransformation,
+               labels, transform: Callable, loss_kind: str, label_smoothing: float,
+               bn_train: bool, cached: bool = False):
   """One optimisation step on one device's shard; call through `parallel`."""
   input_key, dropout_key = step_keys(state)
-  inputs = batch['feature'] if cached else transform(input_key, batch['image'])
+  inputs = batch['feature'] if cached else transform(input_key, batch_images(batch, cache))
   trainable, frozen = optim.split(state.params, labels)
 
   def loss_of(trainable_params):
@@ -153,7 +162,7 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
   return new_state, metrics
 
 
-def train_chunk(state: TrainState, batches, **kw):
+def train_chunk(state: TrainState, batches, cache=None, **kw):
   """`train_step` over a leading axis of K batches in one device call (`lax.scan`).
 
   For cached-feature head steps the work per step is tiny and dispatching
@@ -163,7 +172,7 @@ def train_chunk(state: TrainState, batches, **kw):
   """
   def body(s, b):
     valid = b.pop('valid')
-    new, metrics = train_step(s, b, **kw)
+    new, metrics = train_step(s, b, cache, **kw)
     return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, s), metrics
 
   return jax.lax.scan(body, state, dict(batches))

@@ -235,13 +235,18 @@ class _Run:
     for epoch in range(meta['epoch'], phase.epochs):
       start = meta['step_in_epoch']
       data_epoch = epoch_offset + epoch
+      on_device = features is None and self._device_cache() is not None
       batches = batching.train_batches(self.train_split, config.batch_size, seed=config.seed,
-                                       epoch=data_epoch, start_step=start)
+                                       epoch=data_epoch, start_step=start,
+                                       with_images=not on_device)
       if features is not None:
         views = features['train']
         batches = feature_cache.with_features(batches, views[data_epoch % len(views)])
+      elif on_device:
+        batches = ({'index': b['index'], 'label': b['label']} for b in batches)
       else:
         batches = ({'image': b['image'], 'label': b['label']} for b in batches)
+      cache = self._device_cache() if on_device else None
       batches = batching.prefetch(batches, buffer_size=2)
       label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
       self.reporter.start_epoch()
@@ -252,7 +257,7 @@ class _Run:
       try:
         for chunk in self._chunks(batches, meta, cached):
           if len(chunk) == 1 and not cached:
-            rstate, m = train_fn(rstate, chunk[0])
+            rstate, m = train_fn(rstate, chunk[0], cache)
           else:
             rstate, m = chunk_fn(rstate, _stack(chunk, self._chunk_len))
           window.add(m, len(chunk))
@@ -320,6 +325,15 @@ class _Run:
       total = stats if total is None else jax.tree.map(lambda a, b: a + b, total, stats)
       count += 1
     return rstate.replace(batch_stats=jax.tree.map(lambda t: t / count, total))
+
+  def _device_cache(self):
+    """The train split's uint8 cache on every device, if it fits `device_cache_mb` (else None)."""
+    from tljax.data import Split
+    if not hasattr(self, '_cache'):
+      split, budget = self.train_split, self.config.device_cache_mb
+      fits = isinstance(split, Split) and split.images.nbytes / 2**20 <= budget
+      self._cache = self.batching.device_cache(split) if fits else None
+    return self._cache
 
   def _chunks(self, batches, meta: dict, cached: bool):
     """Groups an epoch's batches into device calls: one step each, or scanned chunks when cached.
