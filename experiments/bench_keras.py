@@ -20,7 +20,7 @@ KERAS_MODELS = {'resnet50': 'ResNet50', 'mobilenet_v2': 'MobileNetV2',
 
 
 def run_model(name: str, *, batch: int, size: int, dtype: str, modes_to_run, iters: int,
-              warmup: int, num_classes: int = 1000) -> dict:
+              warmup: int, num_classes: int = 1000, on_result=None) -> dict:
   os.environ.setdefault('KERAS_BACKEND', 'jax')
   import keras
   if keras.backend.backend() != 'jax':
@@ -39,6 +39,8 @@ def run_model(name: str, *, batch: int, size: int, dtype: str, modes_to_run, ite
     print(f'  keras {mode}', flush=True)
     results[mode] = guarded(f'keras {mode}', lambda: _measure(
         keras, name, mode, images, labels, size, num_classes, iters, warmup))
+    if on_result:
+      on_result('keras', mode, results[mode])
   return {'keras': results}
 
 

@@ -114,6 +114,8 @@ def meta_lines(meta: dict) -> list[str]:
            f'{meta.get("warmup")} warm-up (median); malloc tuning: '
            f'{"on" if meta.get("malloc_tuned") else "off"}; git {meta.get("git", "?")}',
            f'- Command: `{meta.get("command", "")}`']
+  if meta.get('skipped'):
+    lines.append(f'- Not run (time budget spent): {", ".join(meta["skipped"])}')
   if meta.get('peak_tflops'):
     lines.append(f'- MFU against a peak of {meta["peak_tflops"]} TFLOP/s; training FLOPs = 3 × '
                  'forward FLOPs (XLA cost analysis of the forward pass)')

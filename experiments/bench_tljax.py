@@ -65,11 +65,13 @@ class Setup:
     self.labels = rng.integers(0, num_classes, (batch,)).astype(np.int32)
 
   def inference(self):
+    """(compiled forward, its arguments): compiled ahead of time so XLA's cost analysis
+    (the FLOP count MFU uses) comes from the very executable that is timed."""
     apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
     variables = jax.device_put({'params': self.params, 'batch_stats': self.batch_stats},
                                self.device)
     x = jax.device_put(self.images, self.device)
-    return apply, (variables, x)
+    return apply.lower(variables, x).compile(), (variables, x)
 
   def optimizer(self, rule: str):
     labels = optim.param_labels(self.params, rule)
@@ -107,33 +109,15 @@ class Setup:
     return np.asarray(fn({'params': self.params, 'batch_stats': self.batch_stats}, self.images))
 
 
-def model_flops(setup: Setup) -> dict:
-  """XLA's FLOP count of inference and of a full training step (XLA conv path)."""
-  out = {}
-  with conv_ops.conv_impl('xla'):
-    apply, args = setup.inference()
-    out['inference'] = _flops(apply.lower(*args).compile())
-
-    def loss(params, bs, x, y):
-      logits, _ = setup.model.apply({'params': params, 'batch_stats': bs}, x, train=False,
-                                    bn_train=True, mutable=['batch_stats'])
-      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
-
-    grad = jax.jit(jax.grad(loss))
-    out['full_step'] = _flops(grad.lower(setup.params, setup.batch_stats, setup.images,
-                                         setup.labels).compile())
-  return out
-
-
 def run_model(name: str, *, batch: int, dtype: str, impls, iters: int, warmup: int,
               device=None, size: int | None = None, modes=('inference', 'head_step', 'full_step',
-                                                        'cached_head_step')) -> dict:
-  """All timings of one model; impl 'auto' means whatever the platform picks."""
+                                                        'cached_head_step'), on_result=None) -> dict:
+  """All timings of one model; `on_result(framework, mode, timing)` hears each as it lands."""
   device = device or jax.devices()[0]
   setup = Setup(name, batch=batch, dtype=jnp.dtype(dtype), device=device, size=size)
   row = {'model': name, 'input_size': setup.size, 'batch': batch, 'dtype': dtype,
          'params': int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(setup.params)))}
-  row['flops'] = guarded('flops', lambda: model_flops(setup))
+  row['flops'] = {}
   results = {}
   sync = jax.block_until_ready
   for impl in impls:
@@ -143,13 +127,15 @@ def run_model(name: str, *, batch: int, dtype: str, impls, iters: int, warmup: i
       for mode in modes:
         print(f'  {key} {mode}', flush=True)
         if mode == 'inference':
-          fn = lambda: _time_inference(setup, sync, iters, warmup)
+          fn = lambda: _time_inference(setup, sync, iters, warmup, row['flops'])
         else:
           rule = 'all' if mode == 'full_step' else 'head'
           fn = lambda: measure(setup.train(rule, bn_train=mode == 'full_step',
                                            cached=mode == 'cached_head_step'), sync,
                                iters=iters, warmup=warmup)
         results[key][mode] = guarded(f'{key} {mode}', fn)
+        if on_result:
+          on_result(key, mode, results[key][mode])
   row['results'] = results
   row['opt_state_bytes'] = guarded('opt state', lambda: {
       'head_only': tree_bytes(setup.optimizer('head')[0].init(setup.params)),
@@ -157,6 +143,11 @@ def run_model(name: str, *, batch: int, dtype: str, impls, iters: int, warmup: i
   return row
 
 
-def _time_inference(setup: Setup, sync, iters: int, warmup: int) -> dict:
-  apply, args = setup.inference()
-  return measure(lambda: apply(*args), sync, iters=iters, warmup=warmup)
+def _time_inference(setup: Setup, sync, iters: int, warmup: int, flops: dict) -> dict:
+  """Times the forward pass; records its FLOPs (XLA's own conv path preferred: on CPU the
+  fast path's shifted multiply-adds count the same work differently)."""
+  compiled, args = setup.inference()
+  count = _flops(compiled)
+  if count and ('inference' not in flops or conv_ops.resolved_impl() == 'xla'):
+    flops['inference'] = count
+  return measure(lambda: compiled(*args), sync, iters=iters, warmup=warmup)

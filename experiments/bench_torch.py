@@ -53,11 +53,13 @@ def _sync(device: str):
 
 def run_model(name: str, *, batch: int, size: int, dtype: str, device: str, modes_to_run,
               iters: int, warmup: int, compile_modes=('eager',), threads: int | None = None,
-              num_classes: int = 1000) -> dict:
+              num_classes: int = 1000, on_result=None) -> dict:
   """{'torch-eager': {mode: timing}, 'torch-compile': {...}} for one model."""
   import torch
   if threads:
     torch.set_num_threads(threads)
+  if device == 'cuda':
+    torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithms, as users do
   bf16 = dtype == 'bfloat16'
   results = {}
   rng = np.random.default_rng(0)
@@ -88,6 +90,8 @@ def run_model(name: str, *, batch: int, size: int, dtype: str, device: str, mode
                        iters=iters, warmup=warmup)
 
       results[key][mode] = guarded(f'{key} {mode}', one)
+      if on_result:
+        on_result(key, mode, results[key][mode])
   return results
 
 

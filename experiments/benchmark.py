@@ -15,6 +15,7 @@ Run on a quiet machine: the timings are medians, not magic.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import importlib.metadata
 import json
@@ -23,11 +24,14 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
+import time
 
 DEFAULT_MODELS = ('resnet34', 'resnet50', 'mobilenet_v2', 'mobilenet_v3_large',
                   'efficientnet_lite0', 'inception_v3')
 SMOKE_MODELS = ('mobilenet_v2', 'resnet50')
 MARK = '@@BENCH-RESULT@@'
+PARTIAL = '@@BENCH-PARTIAL@@'
 
 
 def parse_args(argv=None):
@@ -53,6 +57,9 @@ def parse_args(argv=None):
                  help='glibc malloc tuning (tljax.ops.host_memory), applied to every framework')
   p.add_argument('--smoke', action='store_true', help='tiny settings: checks every code path')
   p.add_argument('--timeout', type=int, default=3600, help='seconds per worker process')
+  p.add_argument('--budget_s', type=float, default=None,
+                 help='stop starting jobs after this many seconds and cut the running one '
+                      '(default 500 with --gpu, to end inside a 10-minute command)')
   p.add_argument('--out', default=None, help='write the JSON here')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -73,11 +80,17 @@ def _fill_defaults(args):
   args.impls = args.impls or ('xla' if args.gpu else 'fast,xla')
   if args.micro is None:
     args.micro = not args.gpu
+  if args.budget_s is None and args.gpu:
+    args.budget_s = 500.0
   if args.threads is None:
     args.threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 # ----------------------------------------------------------------------------- workers
+
+def _report_partial(framework: str, mode: str, timing: dict):
+  print(PARTIAL + json.dumps({'framework': framework, 'mode': mode, 'timing': timing}), flush=True)
+
 
 def run_worker(spec: dict) -> dict:
   """Runs one job in this process (called in a child started by `launch`)."""
@@ -98,45 +111,61 @@ def run_worker(spec: dict) -> dict:
     from experiments import bench_tljax
     return bench_tljax.run_model(spec['model'], batch=spec['batch'], dtype=spec['dtype'],
                                  impls=spec['impls'], iters=spec['iters'], warmup=spec['warmup'],
-                                 size=spec['size'], modes=tuple(spec['modes']))
+                                 size=spec['size'], modes=tuple(spec['modes']),
+                                 on_result=_report_partial)
   if kind.startswith('torch'):
     from experiments import bench_torch
     return {'results': bench_torch.run_model(
         spec['model'], batch=spec['batch'], size=spec['size'], dtype=spec['dtype'],
         device='cuda' if spec['gpu'] else 'cpu', modes_to_run=spec['modes'], iters=spec['iters'],
-        warmup=spec['warmup'], compile_modes=(kind.split('-', 1)[1],), threads=spec['threads'])}
+        warmup=spec['warmup'], compile_modes=(kind.split('-', 1)[1],), threads=spec['threads'],
+        on_result=_report_partial)}
   if kind == 'keras':
     from experiments import bench_keras
     return {'results': bench_keras.run_model(spec['model'], batch=spec['batch'], size=spec['size'],
                                              dtype=spec['dtype'], modes_to_run=spec['modes'],
-                                             iters=spec['iters'], warmup=spec['warmup'])}
+                                             iters=spec['iters'], warmup=spec['warmup'],
+                                             on_result=_report_partial)}
   raise ValueError(f'unknown worker kind {kind!r}')
 
 
-def launch(spec: dict, timeout: int) -> dict:
-  """Runs `spec` in a fresh interpreter, echoing its progress; {'error': ...} if it fails."""
+def launch(spec: dict, timeout: float) -> dict:
+  """Runs `spec` in a fresh interpreter, echoing its progress.
+
+  A worker that fails or is cut at `timeout` keeps the measurements it had
+  reported; the rest become {'error': ...}.
+  """
   env = dict(os.environ, KERAS_BACKEND='jax', PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
   if not spec['gpu']:
     env['JAX_PLATFORMS'] = 'cpu'
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--worker', json.dumps(spec)]
   print(f'[{spec["kind"]}] {spec.get("model", "")} {spec["dtype"]}', flush=True)
-  try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  except subprocess.TimeoutExpired:
-    print(f'  timed out after {timeout}s', flush=True)
-    return {'error': f'worker timed out after {timeout}s'}
-  result = None
-  for line in proc.stdout.splitlines():
+  cut = threading.Event()
+  watchdog = threading.Timer(max(1.0, timeout), lambda: (cut.set(), proc.kill()))
+  watchdog.start()
+  stderr_tail: collections.deque = collections.deque(maxlen=20)
+  drain = threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True)
+  drain.start()
+  result, partial = None, {}
+  for line in proc.stdout:
     if line.startswith(MARK):
       result = json.loads(line[len(MARK):])
+    elif line.startswith(PARTIAL):
+      item = json.loads(line[len(PARTIAL):])
+      partial.setdefault(item['framework'], {})[item['mode']] = item['timing']
     elif line.strip():
-      print(line, flush=True)
-  if result is None:
-    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-    print(f'  worker failed (exit {proc.returncode}): {tail}', flush=True)
-    return {'error': f'exit {proc.returncode}: {tail[:300]}'}
-  return result
+      print(line.rstrip(), flush=True)
+  proc.wait()
+  watchdog.cancel()
+  drain.join(timeout=5)
+  if result is not None:
+    return result
+  reason = (f'worker cut at {timeout:.0f}s' if cut.is_set() else
+            f'exit {proc.returncode}: ' + (''.join(stderr_tail).strip().splitlines() or ['no output'])[-1][:300])
+  print(f'  {reason}', flush=True)
+  return {'error': reason, 'partial': partial}
 
 
 def _available(module: str) -> bool:
@@ -191,11 +220,11 @@ def jobs(args) -> list[dict]:
       out.append(dict(micro, kind='micro-jax'))
       if 'torch-eager' in frameworks and not args.gpu:
         out.append(dict(micro, kind='micro-torch'))
-    for model in args.models.split(','):
-      for fw in frameworks:
-        if fw == 'keras' and args.gpu:
-          continue
-        out.append(dict(base, kind=fw, model=model, dtype=dtype))
+    # torch.compile is the slowest to start: on a budget it is the one left out.
+    first = [fw for fw in frameworks if fw != 'torch-compile' and not (fw == 'keras' and args.gpu)]
+    for group in (first, [fw for fw in frameworks if fw == 'torch-compile']):
+      for model in args.models.split(','):
+        out.extend(dict(base, kind=fw, model=model, dtype=dtype) for fw in group)
   return out
 
 
@@ -219,7 +248,9 @@ def merge(job: dict, result: dict, suite: dict, sizes: dict):
   if 'error' in result:
     names = ([f'tljax-{i}' for i in job['impls']] if job['kind'] == 'tljax' else [job['kind']])
     for name in names:
-      row['results'][name] = {'error': result['error']}
+      got = result.get('partial', {}).get(name, {})
+      row['results'][name] = {mode: got.get(mode, {'error': result['error']})
+                              for mode in job['modes']} if got else {'error': result['error']}
     return
   for k in ('input_size', 'params', 'flops', 'opt_state_bytes'):
     if k in result:
@@ -246,11 +277,22 @@ def main(argv=None):
     spec = json.loads(args.worker)
     print(MARK + json.dumps(run_worker(spec)), flush=True)
     return
+  start = time.monotonic()
   suite = {'meta': metadata(args, argv), 'micro': [], 'models': []}
   sizes = input_sizes(args)
   for job in jobs(args):
+    timeout = args.timeout
+    if args.budget_s is not None:
+      timeout = min(timeout, args.budget_s - (time.monotonic() - start))
+      if timeout < 10:
+        suite['meta'].setdefault('skipped', []).append(f'{job["kind"]} {job.get("model", "")}')
+        continue
     job['size'] = job['size'] or sizes.get(job.get('model'))
-    merge(job, launch(job, args.timeout), suite, sizes)
+    merge(job, launch(job, timeout), suite, sizes)
+    if args.out:
+      _write(args.out, suite)
+  if suite['meta'].get('skipped'):
+    print(f'budget of {args.budget_s:.0f}s spent; skipped: {", ".join(suite["meta"]["skipped"])}')
     if args.out:
       _write(args.out, suite)
   from experiments.bench_tables import markdown

@@ -16,18 +16,26 @@ import traceback
 from typing import Any, Callable
 
 
+# A measurement whose calls are slow (XLA's grouped-conv backward on CPU takes tens of seconds
+# per step) is cut to fewer timed calls, never fewer than MIN_ITERS, to stay near this budget.
+SECONDS_PER_MEASUREMENT = 60.0
+MIN_ITERS = 2
+
+
 def measure(call: Callable[[], Any], sync: Callable[[Any], Any], *, iters: int,
             warmup: int) -> dict:
-  start = time.perf_counter()
-  sync(call())
-  first = time.perf_counter() - start
-  for _ in range(max(0, warmup - 1)):
-    sync(call())
-  samples = []
-  for _ in range(max(1, iters)):
+  def timed():
     start = time.perf_counter()
     sync(call())
-    samples.append(time.perf_counter() - start)
+    return time.perf_counter() - start
+
+  first = last = timed()
+  for _ in range(max(0, warmup - 1)):
+    last = timed()
+  iters = max(1, iters)
+  if warmup > 1 and last * iters > SECONDS_PER_MEASUREMENT:
+    iters = max(min(iters, MIN_ITERS), int(SECONDS_PER_MEASUREMENT / last))
+  samples = [timed() for _ in range(iters)]
   return {'median_s': statistics.median(samples), 'min_s': min(samples),
           'samples': [round(s, 6) for s in samples], 'first_call_s': round(first, 3)}
 

@@ -47,12 +47,15 @@ def test_gpu_tables_report_mfu(tiny_row):
 
 
 def test_gpu_job_plan():
-  args = benchmark.parse_args(['--gpu', '--models=resnet50'])
+  args = benchmark.parse_args(['--gpu', '--models=resnet50,mobilenet_v2'])
   assert (args.batch, args.dtypes, args.impls, args.micro) == (128, 'bfloat16', 'xla', False)
-  kinds = [job['kind'] for job in benchmark.jobs(args)]
-  assert kinds == ['tljax', 'torch-eager', 'torch-compile']
+  assert args.budget_s == 500  # ends inside the device tool's 10-minute command limit
+  jobs = [(job['kind'], job['model']) for job in benchmark.jobs(args)]
+  assert jobs == [('tljax', 'resnet50'), ('torch-eager', 'resnet50'), ('tljax', 'mobilenet_v2'),
+                  ('torch-eager', 'mobilenet_v2'), ('torch-compile', 'resnet50'),
+                  ('torch-compile', 'mobilenet_v2')]  # slow-to-start compile last
   cpu_kinds = [job['kind'] for job in benchmark.jobs(benchmark.parse_args(['--models=resnet50']))]
-  assert cpu_kinds == ['micro-jax', 'micro-torch', 'tljax', 'torch-eager', 'torch-compile', 'keras']
+  assert cpu_kinds == ['micro-jax', 'micro-torch', 'tljax', 'torch-eager', 'keras', 'torch-compile']
 
 
 def test_worker_protocol_and_missing_framework(capsys):
