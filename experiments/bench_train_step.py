@@ -20,6 +20,7 @@ ml_collections (the GPU image lacks it): phases are plain namespaces.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
