@@ -20,7 +20,6 @@ ml_collections (the GPU image lacks it): phases are plain namespaces.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
