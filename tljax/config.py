@@ -102,7 +102,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.input_size = 32
   c.load_size = 40
   c.data = default_data_config()
-  c.data.update(dict(source='synthetic', num_classes=3, num_train=48, num_val=24, num_test=24))
+  classes = 2 if c.loss.kind == 'sigmoid' else 3
+  c.data.update(dict(source='synthetic', num_classes=classes, num_train=48, num_val=24, num_test=24))
   c.batch_size = 16
   c.phases = tuple(phase(**{**p.to_dict(), 'epochs': 1}) for p in c.phases)
   c.log.tensorboard = False
