@@ -8,8 +8,8 @@ the platform's default implementation ('fast' on CPU, 'xla' elsewhere).
 from __future__ import annotations
 
 MODES = ('inference', 'head_step', 'full_step', 'cached_head_step')
-MODE_NAMES = {'inference': 'inference', 'head_step': 'head-only step', 'full_step': 'full fine-tune step',
-              'cached_head_step': 'head step, cached features'}
+MODE_NAMES = {'inference': 'inference', 'head_step': 'head-only step',
+              'full_step': 'full fine-tune step', 'cached_head_step': 'head step, cached features'}
 # Training-step FLOPs relative to one forward pass, for MFU (backward ≈ 2 forwards).
 FLOP_FACTOR = {'inference': 1.0, 'head_step': 1.0, 'full_step': 3.0}
 
@@ -75,7 +75,8 @@ def summary_table(result: dict) -> list[str]:
            'Adam state, backbone frozen | Adam state, full |', '|---|---|---|---|---|---|---|']
   for row in rows:
     res = row['results'].get(ours, {})
-    fwd, head, cached = (seconds(res.get(m)) for m in ('inference', 'head_step', 'cached_head_step'))
+    fwd, head, cached = (seconds(res.get(m))
+                         for m in ('inference', 'head_step', 'cached_head_step'))
     state = row.get('opt_state_bytes') or {}
     flops = (row.get('flops') or {}).get('inference')
     mb = lambda b: 'n/a' if b is None else f'{b / 2**20:,.1f} MiB'
@@ -91,11 +92,13 @@ def micro_table(result: dict) -> list[str]:
   rows = result.get('micro', [])
   if not rows:
     return []
-  lines = ['| conv (batch %d) | dtype | pass | XLA GFLOP/s | tljax fast GFLOP/s | torch GFLOP/s | '
-           'fast ÷ XLA | fast ÷ torch |' % rows[0]['shape']['batch'], '|---|---|---|---|---|---|---|---|']
+  lines = [f'| conv (batch {rows[0]["shape"]["batch"]}) | dtype | pass | XLA GFLOP/s | '
+           'tljax fast GFLOP/s | torch GFLOP/s | fast ÷ XLA | fast ÷ torch |',
+           '|---|---|---|---|---|---|---|---|']
   for row in rows:
     for mode in ('forward', 'forward_backward'):
-      t = {f: seconds(row['results'].get(f, {}).get(mode)) for f in ('jax-xla', 'jax-fast', 'torch')}
+      t = {f: seconds(row['results'].get(f, {}).get(mode))
+           for f in ('jax-xla', 'jax-fast', 'torch')}
       gf = {f: row['flops'][mode] / v / 1e9 if v else None for f, v in t.items()}
       lines.append('| ' + ' | '.join([
           row['case'], row['dtype'], 'fwd' if mode == 'forward' else 'fwd+bwd',
@@ -107,8 +110,9 @@ def micro_table(result: dict) -> list[str]:
 def meta_lines(meta: dict) -> list[str]:
   versions = ', '.join(f'{k} {v}' for k, v in sorted(meta.get('versions', {}).items()) if v)
   device = meta.get('gpu_name') or meta.get('cpu', 'unknown CPU')
-  lines = [f'- Date: {meta.get("date", "?")}; machine: {device}; {meta.get("threads", "?")} threads '
-           f'({meta.get("cpus", "?")} CPUs visible); {meta.get("platform", "")}',
+  lines = [f'- Date: {meta.get("date", "?")}; machine: {device}; '
+           f'{meta.get("threads", "?")} threads ({meta.get("cpus", "?")} CPUs visible); '
+           f'{meta.get("platform", "")}',
            f'- Versions: {versions}',
            f'- Batch {meta.get("batch")}, {meta.get("iters")} timed iterations after '
            f'{meta.get("warmup")} warm-up (median); malloc tuning: '

@@ -109,9 +109,11 @@ class Setup:
     return np.asarray(fn({'params': self.params, 'batch_stats': self.batch_stats}, self.images))
 
 
+MODES = ('inference', 'head_step', 'full_step', 'cached_head_step')
+
+
 def run_model(name: str, *, batch: int, dtype: str, impls, iters: int, warmup: int,
-              device=None, size: int | None = None, modes=('inference', 'head_step', 'full_step',
-                                                        'cached_head_step'), on_result=None) -> dict:
+              device=None, size: int | None = None, modes=MODES, on_result=None) -> dict:
   """All timings of one model; `on_result(framework, mode, timing)` hears each as it lands."""
   device = device or jax.devices()[0]
   setup = Setup(name, batch=batch, dtype=jnp.dtype(dtype), device=device, size=size)

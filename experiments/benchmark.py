@@ -35,15 +35,18 @@ PARTIAL = '@@BENCH-PARTIAL@@'
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--models', default=','.join(DEFAULT_MODELS))
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default=','.join(DEFAULT_MODELS),
+                 help='comma-separated tljax model names; empty: microbenchmarks only')
   p.add_argument('--batch', type=int, default=None, help='default 32 (CPU), 128 (GPU)')
   p.add_argument('--iters', type=int, default=None, help='timed iterations (default 5 CPU, 20 GPU)')
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--size', type=int, default=None, help='override every model\'s input size')
   p.add_argument('--dtypes', default=None, help='default float32 (CPU), bfloat16 (GPU)')
   p.add_argument('--frameworks', default='tljax,torch-eager,torch-compile,keras')
-  p.add_argument('--impls', default=None, help='tljax conv paths: default fast,xla (CPU), xla (GPU)')
+  p.add_argument('--impls', default=None,
+                 help='tljax conv paths: default fast,xla (CPU), xla (GPU)')
   p.add_argument('--modes', default='inference,head_step,full_step,cached_head_step')
   p.add_argument('--micro', action=argparse.BooleanOptionalAction, default=None,
                  help='single-conv microbenchmarks (default: on for CPU)')
@@ -83,7 +86,8 @@ def _fill_defaults(args):
   if args.budget_s is None and args.gpu:
     args.budget_s = 500.0
   if args.threads is None:
-    args.threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    args.threads = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                    else os.cpu_count())
 
 
 # ----------------------------------------------------------------------------- workers
@@ -162,8 +166,8 @@ def launch(spec: dict, timeout: float) -> dict:
   drain.join(timeout=5)
   if result is not None:
     return result
-  reason = (f'worker cut at {timeout:.0f}s' if cut.is_set() else
-            f'exit {proc.returncode}: ' + (''.join(stderr_tail).strip().splitlines() or ['no output'])[-1][:300])
+  last = (''.join(stderr_tail).strip().splitlines() or ['no output'])[-1][:300]
+  reason = f'worker cut at {timeout:.0f}s' if cut.is_set() else f'exit {proc.returncode}: {last}'
   print(f'  {reason}', flush=True)
   return {'error': reason, 'partial': partial}
 
@@ -194,7 +198,8 @@ def metadata(args, argv) -> dict:
   except OSError:
     git = None
   meta = {'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-          'cpu': cpu, 'cpus': os.cpu_count(), 'threads': args.threads, 'platform': platform.platform(),
+          'cpu': cpu, 'cpus': os.cpu_count(), 'threads': args.threads,
+          'platform': platform.platform(),
           'python': platform.python_version(), 'versions': versions, 'batch': args.batch,
           'iters': args.iters, 'warmup': args.warmup, 'malloc_tuned': args.malloc == 'tuned',
           'gpu': args.gpu, 'peak_tflops': args.peak_tflops, 'git': git, 'smoke': args.smoke,
@@ -223,7 +228,7 @@ def jobs(args) -> list[dict]:
     # torch.compile is the slowest to start: on a budget it is the one left out.
     first = [fw for fw in frameworks if fw != 'torch-compile' and not (fw == 'keras' and args.gpu)]
     for group in (first, [fw for fw in frameworks if fw == 'torch-compile']):
-      for model in args.models.split(','):
+      for model in filter(None, args.models.split(',')):
         out.extend(dict(base, kind=fw, model=model, dtype=dtype) for fw in group)
   return out
 
@@ -261,7 +266,7 @@ def merge(job: dict, result: dict, suite: dict, sizes: dict):
 def input_sizes(args) -> dict:
   from tljax import models
   sizes = {}
-  for name in args.models.split(','):
+  for name in filter(None, args.models.split(',')):
     try:
       sizes[name] = args.size or models.input_size(name)
     except Exception as exc:  # noqa: BLE001 — reported per model below.

@@ -44,7 +44,8 @@ def failure(exc: BaseException) -> dict:
   """What a measurement that could not run records instead of a time ('n/a' in tables)."""
   last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
   where = f' at {last[0].filename.rsplit("/", 1)[-1]}:{last[0].lineno}' if last else ''
-  return {'error': f'{type(exc).__name__}: {str(exc).splitlines()[0][:240] if str(exc) else ""}{where}'}
+  message = str(exc).splitlines()[0][:240] if str(exc) else ''
+  return {'error': f'{type(exc).__name__}: {message}{where}'}
 
 
 def guarded(label: str, fn: Callable[[], dict]) -> dict:

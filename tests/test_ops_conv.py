@@ -82,7 +82,8 @@ def test_rgb_stem_matches_xla(h, w, stride, padding):
   _assert_same(x, k, stride, padding, 1)
 
 
-@pytest.mark.parametrize('cin, cout, kernel, groups', [(8, 8, 3, 1), (8, 6, 3, 2), (16, 8, (1, 3), 1)])
+@pytest.mark.parametrize('cin, cout, kernel, groups',
+                         [(8, 8, 3, 1), (8, 6, 3, 2), (16, 8, (1, 3), 1)])
 def test_other_convs_keep_xla_and_match(cin, cout, kernel, groups):
   kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
   x, k = _inputs(2, 7, 7, cin, kh, kw, cout, groups)

@@ -48,7 +48,8 @@ def replace_in(readme: str, text: str) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('json', nargs='+', help='benchmark JSON files (one per run)')
   p.add_argument('--readme', help='update this README in place instead of printing')
   args = p.parse_args(argv)

@@ -8,8 +8,7 @@ convolutions at a fraction of the matmul rate. The 'fast' implementation
 rewrites exactly those cases as operations XLA:CPU compiles well:
 
 - depthwise: K*K shifted multiply-adds over a padded input, one fused loop,
-  with a hand-written backward pass (XLA's own transpose materialises one
-  shifted copy of the input per tap for the kernel gradient);
+  with a hand-written kernel gradient (see `tljax.ops.depthwise`);
 - 1x1 (any stride, groups=1): a 2-D matmul on the flattened pixels;
 - few input channels (the 3x3 RGB stem): one matmul on gathered patches.
 
@@ -34,7 +33,8 @@ from jax import lax
 from tljax.ops import depthwise
 
 IMPLS = ('auto', 'xla', 'fast')
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar('tljax_conv_impl', default=None)
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar('tljax_conv_impl',
+                                                                    default=None)
 
 Padding = str | Sequence[tuple[int, int]]
 
