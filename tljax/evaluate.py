@@ -16,19 +16,31 @@ import numpy as np
 
 
 def collect(p_eval: Callable, state, batches: Iterable[Mapping[str, np.ndarray]]) -> dict:
-  """Runs the pmapped eval step; returns unpadded per-example host arrays."""
-  parts: dict[str, list] = {'pred': [], 'top5': [], 'loss': [], 'label': []}
+  """Runs the pmapped eval step; returns unpadded per-example host arrays of ALL processes.
+
+  Each process holds its slice of every global batch; the fixed-shape
+  outputs and masks are gathered across processes before masking, in global
+  example order, so every process computes the same metrics over each
+  example exactly once (and takes the same best-checkpoint decisions).
+  """
   pending = []
   for batch in batches:
-    mask = np.asarray(batch['mask']).reshape(-1)
     inputs = {k: v for k, v in batch.items() if k in ('image', 'feature', 'label')}
-    pending.append((p_eval(state, inputs), np.asarray(batch['label']).reshape(-1), mask))
-  for out, labels, mask in pending:
-    out = jax.device_get(out)
-    for key in ('pred', 'top5', 'loss'):
-      parts[key].append(np.asarray(out[key]).reshape(-1)[mask])
-    parts['label'].append(labels[mask])
-  return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    pending.append((p_eval(state, inputs), np.asarray(batch['label']), np.asarray(batch['mask'])))
+  keys = ('pred', 'top5', 'loss')
+  if not pending:
+    return {k: np.zeros(0) for k in keys + ('label',)}
+  local = {k: np.stack([np.asarray(jax.device_get(out[k])) for out, _, _ in pending])
+           for k in keys}
+  local['label'] = np.stack([labels for _, labels, _ in pending])
+  local['mask'] = np.stack([mask for _, _, mask in pending])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    # [P, steps, D, b, ...] -> [steps, P, D, b, ...]: process p holds rows p*local:(p+1)*local.
+    local = {k: np.swapaxes(np.asarray(v), 0, 1)
+             for k, v in multihost_utils.process_allgather(local).items()}
+  mask = local.pop('mask').reshape(-1)
+  return {k: v.reshape(-1)[mask] for k, v in local.items()}
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -88,6 +100,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   outputs = collect(fns['eval'], steps.replicate(state), batching.eval_batches(splits[split], eval_bs))
   result = metrics(outputs, class_names)
   result.update(split=split, checkpoint=config.eval.checkpoint, step=meta.get('step'))
+  if jax.process_index() != 0:
+    return result
   with open(os.path.join(workdir, f'eval_{split}.json'), 'w') as f:
     json.dump(result, f, indent=2)
   report.plot_confusion(workdir, f'eval_{split}', np.asarray(result['confusion']), class_names)

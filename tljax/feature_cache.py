@@ -36,6 +36,9 @@ def eligible(phase, params: Mapping, labels: Mapping, splits: Mapping) -> str | 
     return 'online augmentation (set cache_views=K to cache K augmented views)'
   if not all(isinstance(s, Split) for s in splits.values()):
     return 'a split is streamed, not cached in memory'
+  if jax.process_count() > 1:
+    # `extract` fills only this process's rows of each batch; gathering them is not worth it.
+    return f'multi-process run ({jax.process_count()} processes): features recomputed each step'
   return None
 
 

@@ -7,6 +7,22 @@ r"""Launch training, evaluation or prediction from a config file.
   python -m tljax.main --config=... --workdir=W --mode=predict --config.predict.images="('a.jpg',)"
 
 Re-running the same train command resumes from the workdir's latest checkpoint.
+
+Multi-host (TPU pod slices, multi-node GPU, or several CPU processes): every
+host runs the same command with `--distributed`; `jax.distributed.initialize`
+connects them (gloo collectives on CPU) before any device is touched. The
+global `batch_size` is split over all processes' devices, eval outputs are
+gathered so every host computes the same metrics, process 0 writes the
+workdir's files and all hosts take part in orbax checkpointing, so `--workdir`
+must be one shared filesystem path (NFS, GCS) for all of them. A 2-host job:
+
+  host0$ python -m tljax.main --config=C --workdir=/shared/W --distributed \
+           --coordinator_address=host0:12345 --num_processes=2 --process_id=0
+  host1$ python -m tljax.main --config=C --workdir=/shared/W --distributed \
+           --coordinator_address=host0:12345 --num_processes=2 --process_id=1
+
+On Cloud TPU, SLURM, Open MPI or Kubernetes JobSets, `--distributed` alone is
+enough (JAX detects the cluster); JAX_COORDINATOR_ADDRESS also replaces the flag.
 """
 
 from __future__ import annotations
@@ -21,6 +37,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (`get_con
                                           lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, plots and summaries.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+flags.DEFINE_bool('distributed', False, 'Multi-host run: call jax.distributed.initialize() first.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed); '
+                    'default: JAX_COORDINATOR_ADDRESS or cluster auto-detection.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job (with --distributed).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (with --distributed).')
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -45,7 +66,8 @@ def _usage(message: str) -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _usage(f'unexpected arguments {argv[1:]}; options are --config, --workdir, --mode, --config.*')
+    _usage(f'unexpected arguments {argv[1:]}; options are --config, --workdir, --mode, '
+           '--distributed (+ --coordinator_address, --num_processes, --process_id), --config.*')
   if _CONFIG.value is None or not FLAGS.workdir:
     _usage('need --config=configs/<name>.py and --workdir=DIR')
   if not FLAGS['verbosity'].present:
@@ -56,6 +78,7 @@ def main(argv: list[str]) -> None:
     validate(config)
   except ValueError as e:
     _usage(str(e))
+  _init_distributed()
   if FLAGS.mode == 'train':
     from tljax import train
     try:
@@ -73,6 +96,20 @@ def main(argv: list[str]) -> None:
       _usage("--mode=predict needs --config.predict.images=\"('a.jpg', 'b.jpg')\"")
     sys.exit(predict.run(os.path.join(FLAGS.workdir, 'export'), list(config.predict.images),
                          config.predict.top_k))
+
+
+def _init_distributed() -> None:
+  """Joins the multi-host job before anything touches devices (device lists would be local)."""
+  explicit = {k: FLAGS[k].value for k in ('coordinator_address', 'num_processes', 'process_id')
+              if FLAGS[k].value is not None}
+  if not FLAGS.distributed:
+    if explicit:
+      _usage(f'{sorted(explicit)} only apply with --distributed; add it or drop them.')
+    return
+  import jax
+  jax.distributed.initialize(**explicit)
+  print(f'process {jax.process_index()} of {jax.process_count()}: '
+        f'{jax.local_device_count()} local / {jax.device_count()} global devices', flush=True)
 
 
 def run() -> None:

@@ -39,15 +39,21 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Reporter:
-  """metrics.jsonl + TensorBoard + a plain-text progress bar on stderr."""
+  """metrics.jsonl + TensorBoard + a plain-text progress bar on stderr.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, progress: bool = True):
+  In a multi-host job only process 0 writes (`write=False` elsewhere); the
+  others still count lines so their bookkeeping matches.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, progress: bool = True,
+               write: bool = True):
     self.workdir = workdir
+    self._write = write
     os.makedirs(workdir, exist_ok=True)
     self._path = os.path.join(workdir, METRICS_FILE)
     self.lines = len(read_metrics(workdir))
     self._tb = None
-    if tensorboard:
+    if tensorboard and write:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self._progress = progress
@@ -55,12 +61,17 @@ class Reporter:
     self._bar_start = time.time()
 
   def write_config(self, config) -> None:
+    if not self._write:
+      return
     with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   def truncate(self, lines: int) -> None:
     """Drops records written after the checkpoint being resumed from."""
     records = read_metrics(self.workdir)[:lines]
+    if not self._write:
+      self.lines = lines
+      return
     with open(self._path, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in records)
     self.lines = len(records)
@@ -68,6 +79,9 @@ class Reporter:
   def log(self, record: Mapping[str, Any]) -> None:
     """One JSON line; numeric fields also go to TensorBoard as '<kind>/<field>'."""
     record = jsonable(dict(record))
+    if not self._write:
+      self.lines += 1
+      return
     with open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     self.lines += 1
@@ -82,7 +96,7 @@ class Reporter:
 
   def progress(self, label: str, done: int, total: int, metrics: Mapping[str, float],
                images: int) -> None:
-    if not self._progress:
+    if not self._progress or not self._write:
       return
     if not self._tty and done < total:
       return

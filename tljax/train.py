@@ -46,6 +46,8 @@ def run_variants(config, workdir: str) -> dict[str, Any]:
     print(f'=== variant {variant.name} ===', flush=True)
     summaries[variant.name] = train_and_evaluate(apply_variant(config, variant),
                                                  os.path.join(workdir, variant.name))
+  if jax.process_index() != 0:   # summaries are process 0's files
+    return {'variants': summaries, 'table': ''}
   table = report.comparison_markdown(workdir, [v.name for v in config.variants])
   print('\n' + table, flush=True)
   return {'variants': summaries, 'table': table}
@@ -91,14 +93,15 @@ class _Run:
   def __init__(self, config, workdir: str):
     from tljax.data import augment, batching
     self.config, self.workdir, self.batching = config, workdir, batching
-    n_dev = jax.local_device_count()
+    n_dev = jax.local_device_count() * jax.process_count()
     self.eval_bs = config.eval_batch_size or config.batch_size
     for field, size in (('batch_size', config.batch_size), ('eval_batch_size', self.eval_bs)):
       if size % n_dev:
-        raise ValueError(f'{field}={size} is not divisible by the {n_dev} local devices; '
-                         f'use a multiple of {n_dev}.')
+        raise ValueError(f'{field}={size} is not divisible by the {n_dev} devices of all '
+                         f'processes; use a multiple of {n_dev}.')
+    self.primary = jax.process_index() == 0
     self.reporter = report.Reporter(workdir, tensorboard=config.log.tensorboard,
-                                    progress=config.log.progress)
+                                    progress=config.log.progress, write=self.primary)
     _warn_if_config_changed(config, workdir)
     self.reporter.write_config(config)
     pretrained, weights_meta = components.pretrained_weights(config)
@@ -199,6 +202,7 @@ class _Run:
         reason = f'{need:.0f} MB of features exceed data.cache_budget_mb'
     if reason and phase.cache_features and reason != feature_cache.BACKBONE_TRAINS:
       self.notes.append(f'phase {phase.name}: features not cached: {reason}')
+      logging.info('phase %s: features not cached: %s', phase.name, reason)
     return reason is None
 
   def _run_phase(self, index: int, phase, state: TrainState, meta: dict, resuming: bool):
@@ -408,8 +412,11 @@ class _Run:
     last = phases[-1] if phases else {}
     final = {s: last[s] for s in ('val', 'test') if s in last}
     summary = {'title': f'{config.model.name} on {config.data.source} {config.data.name}'.strip(),
-               'workdir': self.workdir, 'step': meta['step'], 'devices': jax.local_device_count(),
-               'phases': phases, 'final': final, 'notes': self.notes}
+               'workdir': self.workdir, 'step': meta['step'], 'devices': jax.device_count(),
+               'processes': jax.process_count(), 'phases': phases, 'final': final,
+               'notes': self.notes}
+    if not self.primary:   # every process has the same summary; process 0 writes the files
+      return summary
     text = report.write_summary(self.workdir, summary)
     print('\n' + text, flush=True)
     if config.log.plots:
