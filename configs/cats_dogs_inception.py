@@ -21,14 +21,11 @@ seed reports as better. Seed's results: 94% validation accuracy (whole network),
 
 import ml_collections
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  options = set(filter(None, arg.split(',')))
-  unknown = options - {'mixed7', 'tiny'}
-  if unknown:
-    raise ValueError(f"unknown config arguments {sorted(unknown)}; use 'mixed7' and/or 'tiny'")
+  options = config_args(arg, allowed=('mixed7', 'tiny'))
   c = base_config()
   c.model.name = 'inception_v3'
   c.model.head.update(dict(pool='avg', hidden=(1024,), activation='relu', dropout=0.2))
@@ -48,7 +45,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model.arch_kw = ml_collections.ConfigDict(dict(cut='mixed7'))
     c.model.head.pool = 'flatten'
     c.pretrained.dont_load = (r'^(params|batch_stats)/head/', r'/backbone/mixed(8|9|10)/')
-  if 'tiny' in options:
-    c = tiny(c)
-  c.lock()
-  return c
+  return finalize(c, options)

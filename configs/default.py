@@ -23,7 +23,7 @@ run (2 busy CPU cores) printed: scratch 82.67% val / 84.67% test; head-only
 79.78% / 82.00%; fine-tuned 85.56% / 90.67%.
 """
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 import ml_collections
 
@@ -54,9 +54,4 @@ def get_config(arg: str = ''):
                           bn='train', precise_bn=8, schedule='cosine'),)
   transfer = ml_collections.ConfigDict(dict(name='transfer'))
   c.variants = (scratch, transfer)
-  if arg == 'tiny':
-    c = tiny(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'tiny' or nothing")
-  c.lock()
-  return c
+  return finalize(c, config_args(arg))

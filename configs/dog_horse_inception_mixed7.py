@@ -19,7 +19,7 @@ ImageDataGenerator-style augmentation, 20 epochs). Seed's results: 94.33% train 
 
 import ml_collections
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -41,9 +41,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 20
   c.phases = (phase('head', epochs=20, trainable='head', optimizer='rmsprop', lr=1e-4,
                     momentum=0.0, bn='frozen'),)
-  if arg == 'tiny':
-    c = tiny(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'tiny' or nothing")
-  c.lock()
-  return c
+  return finalize(c, config_args(arg))

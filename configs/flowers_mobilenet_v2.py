@@ -17,7 +17,7 @@ trunk's features are computed once and only the head is trained on them.
 
 import ml_collections
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -33,9 +33,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.val_split = 'train[80%:]'
   c.batch_size = 32
   c.phases = (phase('head', epochs=5, trainable='head', optimizer='adam', lr=1e-3, augment=False),)
-  if arg == 'tiny':
-    c = tiny(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'tiny' or nothing")
-  c.lock()
-  return c
+  return finalize(c, config_args(arg))

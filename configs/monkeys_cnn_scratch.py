@@ -14,7 +14,7 @@ measured against.
 
 import ml_collections
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -32,9 +32,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.phases = (phase('scratch', epochs=100, trainable='all', optimizer='adam', lr=1e-5, eps=1e-8,
                     bn='train'),)
   c.checkpoint.every_steps = 500
-  if arg == 'tiny':
-    c = tiny(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'tiny' or nothing")
-  c.lock()
-  return c
+  return finalize(c, config_args(arg))

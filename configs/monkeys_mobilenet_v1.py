@@ -16,7 +16,7 @@ configs/monkeys_resnet34.py's head phase.
 
 import ml_collections
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -35,9 +35,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.phases = (phase('head', epochs=5, trainable='head', optimizer='rmsprop', lr=1e-3,
                     momentum=0.0, bn='frozen'),)
-  if arg == 'tiny':
-    c = tiny(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'tiny' or nothing")
-  c.lock()
-  return c
+  return finalize(c, config_args(arg))

@@ -18,7 +18,7 @@ did; `--config.phases[1].bn=frozen` gives the Keras recipe.
 
 import ml_collections
 
-from tljax.config import base_config, phase, tiny
+from tljax.config import base_config, config_args, finalize, phase
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -39,9 +39,4 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
             bn='train'),
   )
   c.checkpoint.every_steps = 500
-  if arg == 'tiny':
-    c = tiny(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; use 'tiny' or nothing")
-  c.lock()
-  return c
+  return finalize(c, config_args(arg))

@@ -112,6 +112,24 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def config_args(arg: str, allowed=('tiny',)) -> set[str]:
+  """Parses a config file's `:a,b` argument (`--config=configs/x.py:tiny`)."""
+  options = set(filter(None, arg.split(',')))
+  unknown = options - set(allowed)
+  if unknown:
+    raise ValueError(f'unknown config arguments {sorted(unknown)}; use {", ".join(allowed)} '
+                     'or nothing')
+  return options
+
+
+def finalize(c: ml_collections.ConfigDict, options: set[str]) -> ml_collections.ConfigDict:
+  """Applies the `tiny` test switch when asked, then locks the config."""
+  if 'tiny' in options:
+    c = tiny(c)
+  c.lock()
+  return c
+
+
 def _tiny_variant(v):
   v = ml_collections.ConfigDict(v.to_dict())
   if 'pretrained' in v:
