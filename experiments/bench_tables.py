@@ -122,7 +122,8 @@ def meta_lines(meta: dict) -> list[str]:
     lines.append(f'- Not run (time budget spent): {", ".join(meta["skipped"])}')
   if meta.get('peak_tflops'):
     lines.append(f'- MFU against a peak of {meta["peak_tflops"]} TFLOP/s; training FLOPs = 3 × '
-                 'forward FLOPs (XLA cost analysis of the forward pass)')
+                 'forward FLOPs (XLA cost analysis of the lowered forward pass)')
+  lines.extend(f'- Note: {note}' for note in meta.get('notes', ()))
   return lines
 
 
