@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageOps
 
 from tljax import labels as labels_lib
-from tljax.data.decode import _to_rgb as to_rgb
+from tljax.data.decode import to_rgb
 from tljax.data.preprocess import Preprocessing, resize_and_crop
 from tljax.porting import weights_io
 from tljax.porting.merge import PortError

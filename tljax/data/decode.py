@@ -16,7 +16,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 GEOMETRIES = ('shorter', 'exact')
 
@@ -36,7 +36,10 @@ class Decoded:
   pixel_hash: str | None = None
 
 
-def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+_EXIF_ORIENTATION = 0x0112
+
+
+def to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
   """Any PIL mode → 8-bit RGB, compositing alpha over white."""
   mode = img.mode
   if mode == 'RGB':
@@ -114,7 +117,10 @@ def decode(source: str | bytes, size: int, geometry: str = 'shorter', *,
       if img.format == 'JPEG' and not want_hash:
         img.draft('RGB', (size, size))
       img.load()
-      rgb = _to_rgb(img, notes)
+      if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+        notes.append('rotated by its EXIF orientation')
+      rgb = to_rgb(img, notes)
       pixel_hash = None
       if want_hash:
         arr = np.asarray(rgb, np.uint8)
