@@ -21,7 +21,12 @@ $(REF_VENV)/.installed: pyproject.toml
 	$(REF_VENV)/bin/pip install -q -e '.[test,reference]'
 	touch $@
 
+# Zero-shot first (real ImageNet EfficientNet-Lite0 on two real photos), then the training job.
 demo: $(VENV)/.installed
+	mkdir -p $(WORKDIR)
+	$(PY) -m tljax.port --source=efficientnet_lite --arch=efficientnet_lite0 --output=$(WORKDIR)/lite0_imagenet
+	$(PY) -c "import skimage.data as d, PIL.Image as I; [I.fromarray(getattr(d, n)()).save('$(WORKDIR)/' + n + '.jpg') for n in ('chelsea', 'coffee')]"
+	$(PY) -m tljax.predict --weights=$(WORKDIR)/lite0_imagenet --image=$(WORKDIR)/chelsea.jpg --image=$(WORKDIR)/coffee.jpg --topk=3
 	$(PY) -m tljax.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
@@ -35,8 +40,8 @@ parity: $(REF_VENV)/.installed
 fixtures: $(REF_VENV)/.installed
 	$(REF_PY) -m tools.make_fixtures
 
-bench: $(VENV)/.installed
-	$(PY) -m experiments.benchmark
+bench: $(REF_VENV)/.installed
+	$(REF_PY) -m experiments.benchmark
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) workdirs
