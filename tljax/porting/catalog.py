@@ -46,3 +46,20 @@ def lookup(source: str, arch: str, variant: str = '') -> WeightSpec:
   if key not in catalog:
     raise ValueError(f'no {source} weights for {key!r}; known: {", ".join(sorted(catalog))}')
   return catalog[key]
+
+
+TORCHVISION_URL = 'https://download.pytorch.org/models/'
+
+
+def torchvision_entries(files, defaults: dict[str, str]) -> dict[str, WeightSpec]:
+  """Catalog entries for torchvision files given as (arch, enum member, filename, sha256,
+  preprocessing): `arch:MEMBER` for every file, plus bare `arch` for torchvision's DEFAULT."""
+  entries = {}
+  for arch, variant, filename, sha256, preprocessing in files:
+    make = lambda v: WeightSpec(source='torchvision', arch=arch, url=TORCHVISION_URL + filename,
+                                filename=filename, sha256=sha256, preprocessing=preprocessing,
+                                variant=v)
+    entries[f'{arch}:{variant}'] = make(variant)
+    if defaults[arch] == variant:
+      entries[arch] = make('')
+  return entries

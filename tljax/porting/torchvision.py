@@ -26,7 +26,7 @@ from tljax import models
 from tljax.data.preprocess import Preprocessing
 from tljax.models import resnet
 from tljax.porting import torchvision_mobilenet
-from tljax.porting.catalog import WeightSpec
+from tljax.porting.catalog import WeightSpec, torchvision_entries
 from tljax.porting.convert import StateDictReader
 from tljax.porting.merge import PortError, check_and_merge, flatten, unflatten
 from tljax.porting.pickle_reader import load_state_dict
@@ -157,17 +157,5 @@ _DEFAULT_VARIANT = {'resnet18': 'IMAGENET1K_V1', 'resnet34': 'IMAGENET1K_V1',
                     'resnet50': 'IMAGENET1K_V2'}
 
 
-def _resnet_catalog() -> dict[str, WeightSpec]:
-  entries = {}
-  for arch, variant, filename, sha256, preprocessing in _RESNET_FILES:
-    make = lambda v: WeightSpec(source='torchvision', arch=arch,
-                                url='https://download.pytorch.org/models/' + filename,
-                                filename=filename, sha256=sha256, preprocessing=preprocessing,
-                                variant=v)
-    entries[f'{arch}:{variant}'] = make(variant)
-    if _DEFAULT_VARIANT[arch] == variant:
-      entries[arch] = make('')
-  return entries
-
-
-CATALOG: dict[str, WeightSpec] = {**_resnet_catalog(), **torchvision_mobilenet.CATALOG_ENTRIES}
+CATALOG: dict[str, WeightSpec] = {**torchvision_entries(_RESNET_FILES, _DEFAULT_VARIANT),
+                                   **torchvision_mobilenet.CATALOG_ENTRIES}

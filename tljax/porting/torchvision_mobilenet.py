@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tljax.data.preprocess import Preprocessing
 from tljax.models.mobilenet import arch_spec
-from tljax.porting.catalog import WeightSpec
+from tljax.porting.catalog import WeightSpec, torchvision_entries
 from tljax.porting.convert import StateDictReader
 
 ARCHS = ('mobilenet_v2', 'mobilenet_v3_small', 'mobilenet_v3_large', 'mobilenet_tiny')
@@ -61,14 +61,6 @@ def convert(reader: StateDictReader, arch: str, width_mult: float = 1.0) -> None
 # side, centre crop 224, ImageNet mean/std. The V2-recipe weights resize to 232.
 _RESIZE_256 = Preprocessing(input_size=224, resize=256)
 _RESIZE_232 = Preprocessing(input_size=224, resize=232)
-_BASE_URL = 'https://download.pytorch.org/models/'
-
-
-def _spec(arch: str, filename: str, sha256: str, preprocessing: Preprocessing,
-          variant: str = '') -> WeightSpec:
-  return WeightSpec(source='torchvision', arch=arch, url=_BASE_URL + filename, filename=filename,
-                    sha256=sha256, preprocessing=preprocessing, variant=variant)
-
 
 # Keys: the arch alone is torchvision's DEFAULT weights; `arch:IMAGENET1K_Vn`
 # names every official file explicitly (torchvision's enum member names).
@@ -89,13 +81,4 @@ _DEFAULT = {'mobilenet_v2': 'IMAGENET1K_V2', 'mobilenet_v3_large': 'IMAGENET1K_V
             'mobilenet_v3_small': 'IMAGENET1K_V1'}
 
 
-def _catalog() -> dict[str, WeightSpec]:
-  entries = {}
-  for arch, variant, filename, sha256, preprocessing in _FILES:
-    entries[f'{arch}:{variant}'] = _spec(arch, filename, sha256, preprocessing, variant)
-    if _DEFAULT[arch] == variant:
-      entries[arch] = _spec(arch, filename, sha256, preprocessing)
-  return entries
-
-
-CATALOG_ENTRIES: dict[str, WeightSpec] = _catalog()
+CATALOG_ENTRIES: dict[str, WeightSpec] = torchvision_entries(_FILES, _DEFAULT)
