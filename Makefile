@@ -33,8 +33,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not reference' tests
 
 # Live parity against torchvision / Keras / efficientnet-lite-pytorch (installs ~6 GB once).
+# One process per file: importing torchvision (→ triton) after jax and keras are loaded in the
+# same process segfaults.
 parity: $(REF_VENV)/.installed
-	$(REF_PY) -m pytest -q -m reference tests
+	set -e; for f in $$(grep -l 'mark.reference' tests/test_*.py); do \
+	  echo "== $$f"; $(REF_PY) -m pytest -q -m reference $$f; done
 
 # Regenerates the golden parity fixtures from the reference libraries.
 fixtures: $(REF_VENV)/.installed
