@@ -42,6 +42,8 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with -
                     'default: JAX_COORDINATOR_ADDRESS or cluster auto-detection.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (with --distributed).')
+flags.DEFINE_bool('tune_malloc', True, 'Keep freed host memory in the process (glibc mallopt) so '
+                  'CPU steps stop paying page faults on every allocation; see tljax.ops.host_memory.')
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -78,6 +80,9 @@ def main(argv: list[str]) -> None:
     validate(config)
   except ValueError as e:
     _usage(str(e))
+  if FLAGS.tune_malloc:
+    from tljax.ops.host_memory import tune_host_allocator
+    tune_host_allocator()   # before the first large allocation; harmless on non-glibc systems
   _init_distributed()
   if FLAGS.mode == 'train':
     from tljax import train
