@@ -49,6 +49,10 @@ def lookup(source: str, arch: str, variant: str = '') -> WeightSpec:
 
 
 TORCHVISION_URL = 'https://download.pytorch.org/models/'
+# torchvision's `ImageClassification` eval preset (bilinear resize of the shorter side, centre
+# crop 224, ImageNet mean/std); weights trained with the newer (V2) recipe resize to 232.
+TORCHVISION_RESIZE_256 = Preprocessing(input_size=224, resize=256)
+TORCHVISION_RESIZE_232 = Preprocessing(input_size=224, resize=232)
 
 
 def torchvision_entries(files, defaults: dict[str, str]) -> dict[str, WeightSpec]:

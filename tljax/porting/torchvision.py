@@ -23,10 +23,10 @@ import numpy as np
 from absl import logging
 
 from tljax import models
-from tljax.data.preprocess import Preprocessing
 from tljax.models import resnet
 from tljax.porting import torchvision_mobilenet
-from tljax.porting.catalog import WeightSpec, torchvision_entries
+from tljax.porting.catalog import (TORCHVISION_RESIZE_232, TORCHVISION_RESIZE_256, WeightSpec,
+                                   torchvision_entries)
 from tljax.porting.convert import StateDictReader
 from tljax.porting.merge import PortError, check_and_merge, flatten, unflatten
 from tljax.porting.pickle_reader import load_state_dict
@@ -135,22 +135,18 @@ def from_torchvision(path_or_state_dict, arch: str, num_classes: int = 1000,
   return port(path_or_state_dict, arch, num_classes=num_classes, rng=rng)[0]
 
 
-# torchvision's `ImageClassification` eval preset (bilinear resize of the shorter
-# side, centre crop 224, ImageNet mean/std); the newer-recipe V2 weights resize to 232.
-_RESIZE_256 = Preprocessing(input_size=224, resize=256)
-_RESIZE_232 = Preprocessing(input_size=224, resize=232)
 
 # (arch, torchvision enum member, file, full SHA-256, preprocessing). The
 # filename carries the first 8 hex digits of the SHA-256, as torch.hub checks.
 _RESNET_FILES = (
     ('resnet18', 'IMAGENET1K_V1', 'resnet18-f37072fd.pth',
-     'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec', _RESIZE_256),
+     'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec', TORCHVISION_RESIZE_256),
     ('resnet34', 'IMAGENET1K_V1', 'resnet34-b627a593.pth',
-     'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f', _RESIZE_256),
+     'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f', TORCHVISION_RESIZE_256),
     ('resnet50', 'IMAGENET1K_V1', 'resnet50-0676ba61.pth',
-     '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a', _RESIZE_256),
+     '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a', TORCHVISION_RESIZE_256),
     ('resnet50', 'IMAGENET1K_V2', 'resnet50-11ad3fa6.pth',
-     '11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca', _RESIZE_232),
+     '11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca', TORCHVISION_RESIZE_232),
 )
 # What a bare `--arch` means: torchvision's `DEFAULT` member.
 _DEFAULT_VARIANT = {'resnet18': 'IMAGENET1K_V1', 'resnet34': 'IMAGENET1K_V1',

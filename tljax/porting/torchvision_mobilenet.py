@@ -11,9 +11,9 @@ squeeze-excite sits between depthwise and project). The module docstring of
 
 from __future__ import annotations
 
-from tljax.data.preprocess import Preprocessing
 from tljax.models.mobilenet import arch_spec
-from tljax.porting.catalog import WeightSpec, torchvision_entries
+from tljax.porting.catalog import (TORCHVISION_RESIZE_232, TORCHVISION_RESIZE_256, WeightSpec,
+                                   torchvision_entries)
 from tljax.porting.convert import StateDictReader
 
 ARCHS = ('mobilenet_v2', 'mobilenet_v3_small', 'mobilenet_v3_large', 'mobilenet_tiny')
@@ -57,25 +57,21 @@ def convert(reader: StateDictReader, arch: str, width_mult: float = 1.0) -> None
     reader.linear('classifier.3', 'head/logits')
 
 
-# torchvision's `ImageClassification` preset: bilinear resize of the shorter
-# side, centre crop 224, ImageNet mean/std. The V2-recipe weights resize to 232.
-_RESIZE_256 = Preprocessing(input_size=224, resize=256)
-_RESIZE_232 = Preprocessing(input_size=224, resize=232)
 
 # Keys: the arch alone is torchvision's DEFAULT weights; `arch:IMAGENET1K_Vn`
 # names every official file explicitly (torchvision's enum member names).
 # The first 8 hex digits of each SHA-256 are the hash in torchvision's filename.
 _FILES = (
     ('mobilenet_v2', 'IMAGENET1K_V1', 'mobilenet_v2-b0353104.pth',
-     'b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889', _RESIZE_256),
+     'b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889', TORCHVISION_RESIZE_256),
     ('mobilenet_v2', 'IMAGENET1K_V2', 'mobilenet_v2-7ebf99e0.pth',
-     '7ebf99e03e254b273379b23edca7ec0da9f48273b23a332b93c1c99d49e86e8f', _RESIZE_232),
+     '7ebf99e03e254b273379b23edca7ec0da9f48273b23a332b93c1c99d49e86e8f', TORCHVISION_RESIZE_232),
     ('mobilenet_v3_large', 'IMAGENET1K_V1', 'mobilenet_v3_large-8738ca79.pth',
-     '8738ca797c879b547d18bbd15da5736ff2557b2036a9af72225393ca61759a04', _RESIZE_256),
+     '8738ca797c879b547d18bbd15da5736ff2557b2036a9af72225393ca61759a04', TORCHVISION_RESIZE_256),
     ('mobilenet_v3_large', 'IMAGENET1K_V2', 'mobilenet_v3_large-5c1a4163.pth',
-     '5c1a416349c4cf298f2a6a5e2600ed0ee55e604713578f5e74e6bc8bcaef7997', _RESIZE_232),
+     '5c1a416349c4cf298f2a6a5e2600ed0ee55e604713578f5e74e6bc8bcaef7997', TORCHVISION_RESIZE_232),
     ('mobilenet_v3_small', 'IMAGENET1K_V1', 'mobilenet_v3_small-047dcff4.pth',
-     '047dcff4addef86ea5bc2eff13c9614dc11f47ab1160d0a71a25e7db994f4e1f', _RESIZE_256),
+     '047dcff4addef86ea5bc2eff13c9614dc11f47ab1160d0a71a25e7db994f4e1f', TORCHVISION_RESIZE_256),
 )
 _DEFAULT = {'mobilenet_v2': 'IMAGENET1K_V2', 'mobilenet_v3_large': 'IMAGENET1K_V2',
             'mobilenet_v3_small': 'IMAGENET1K_V1'}
