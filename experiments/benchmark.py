@@ -57,7 +57,8 @@ def parse_args(argv=None):
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: CPUs this process may use, as XLA does)')
   p.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
-                 help='glibc malloc tuning (tljax.ops.host_memory), applied to every framework')
+                 help='glibc malloc tunables (tljax.ops.host_memory) in every worker\'s environment, '
+                      'so every framework gets them')
   p.add_argument('--smoke', action='store_true', help='tiny settings: checks every code path')
   p.add_argument('--timeout', type=int, default=3600, help='seconds per worker process')
   p.add_argument('--budget_s', type=float, default=None,
@@ -98,9 +99,6 @@ def _report_partial(framework: str, mode: str, timing: dict):
 
 def run_worker(spec: dict) -> dict:
   """Runs one job in this process (called in a child started by `launch`)."""
-  if spec['malloc'] == 'tuned':
-    from tljax.ops.host_memory import tune_host_allocator
-    tune_host_allocator()
   kind = spec['kind']
   if kind.startswith('micro'):
     from experiments import bench_micro
@@ -142,6 +140,9 @@ def launch(spec: dict, timeout: float) -> dict:
   env = dict(os.environ, KERAS_BACKEND='jax', PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
   if not spec['gpu']:
     env['JAX_PLATFORMS'] = 'cpu'
+  if spec['malloc'] == 'tuned':
+    from tljax.ops.host_memory import allocator_environ
+    env = allocator_environ(env)
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--worker', json.dumps(spec)]
   print(f'[{spec["kind"]}] {spec.get("model", "")} {spec["dtype"]}', flush=True)
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -42,8 +42,9 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with -
                     'default: JAX_COORDINATOR_ADDRESS or cluster auto-detection.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (with --distributed).')
-flags.DEFINE_bool('tune_malloc', True, 'Keep freed host memory in the process (glibc mallopt) so '
-                  'CPU steps stop paying page faults on every allocation; see tljax.ops.host_memory.')
+flags.DEFINE_bool('tune_malloc', True, 'Keep freed host memory in the process (glibc tunables; '
+                  'restarts the process once to apply them) so CPU steps stop paying page faults '
+                  'on every allocation; see tljax.ops.host_memory.')
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -81,8 +82,9 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     _usage(str(e))
   if FLAGS.tune_malloc:
-    from tljax.ops.host_memory import tune_host_allocator
-    tune_host_allocator()   # before the first large allocation; harmless on non-glibc systems
+    from tljax.ops import host_memory
+    host_memory.reexec_with_tuned_allocator()   # returns at once when already applied
+    host_memory.tune_host_allocator()           # non-glibc systems: a no-op
   _init_distributed()
   if FLAGS.mode == 'train':
     from tljax import train
