@@ -2,18 +2,24 @@
 
 XLA:CPU lowers a grouped convolution with one channel per group to a
 generic loop that reaches well under 1 GFLOP/s; the same computation written
-as K*K strided slices of the padded input, each scaled by one kernel tap and
-summed, fuses into one vectorised loop (13-28x faster than XLA's grouped
-convolution forward and backward at batch 32, see `experiments/bench_micro.py`).
+as K*K shifted slices of the padded input, each scaled by one kernel tap and
+summed, fuses into one vectorised loop (see `experiments/bench_micro.py`).
 
-Backward: the input gradient is JAX's own transpose of pad + slice +
-multiply-add, one fused loop (a hand-written one, the shifted multiply-add
-on the dilated cotangent with the flipped kernel, measured no faster). The
-kernel gradient is hand-written: autodiff's version makes XLA:CPU copy a
-padded, shifted input per tap before reducing it; summing row products
-first halves that at stride 1. Arithmetic runs in float32 for float32 and
-lower-precision inputs alike, as XLA's convolution does, and the result is
-cast back to the input dtype (bf16 outputs are bit-identical to XLA's).
+Strided convolutions first split the padded input into its stride x stride
+phases (`x[a::s, b::s]`, one pass): every tap then reads one phase at unit
+stride, so forward and backward are the same contiguous multiply-adds as at
+stride 1 instead of strided gathers that XLA:CPU copies out one tap at a time.
+
+Both gradients are written by hand (`jax.custom_vjp`) because autodiff's
+versions are slow on XLA:CPU in two ways:
+- the incoming cotangent is usually an unmaterialised expression (the
+  batch-norm backward); fused into K*K shifted reads it is recomputed K*K
+  times, so it is materialised once (`optimization_barrier`);
+- autodiff's input gradient sums K*K zero-padded copies of the cotangent,
+  a bounds check per tap per element; here the cotangent is padded once
+  and every tap reads a window of it.
+Arithmetic runs in float32 for every input dtype, as XLA's convolution
+does, and results are cast back to the input dtype.
 """
 
 from __future__ import annotations
@@ -27,74 +33,112 @@ from jax import lax
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _pad_hw(x, pads: Pads):
-  (pt, pb), (pl, pr) = pads
+def _pad(x, hw_pads):
+  (pt, pb), (pl, pr) = hw_pads
   if not (pt or pb or pl or pr):
     return x
   return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
 
-def _shifted_mac(x, kernel, strides: tuple[int, int], pads: Pads):
-  kh, kw = kernel.shape[:2]
-  sh, sw = strides
-  xp = _pad_hw(x, pads)
-  n, hp, wp, c = xp.shape
-  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  if ho < 1 or wo < 1:
-    raise ValueError(f'depthwise conv: input {x.shape[1:3]} with padding {pads} is smaller '
-                     f'than the {kh}x{kw} kernel.')
+class _Geometry:
+  """Sizes shared by the forward pass and both gradients."""
+
+  def __init__(self, in_hw, kernel_hw, strides, pads):
+    (self.kh, self.kw), (self.sh, self.sw) = kernel_hw, strides
+    (pt, pb), (pl, pr) = pads
+    hp, wp = in_hw[0] + pt + pb, in_hw[1] + pl + pr
+    self.ho, self.wo = (hp - self.kh) // self.sh + 1, (wp - self.kw) // self.sw + 1
+    if self.ho < 1 or self.wo < 1:
+      raise ValueError(f'depthwise conv: input {tuple(in_hw)} with padding {pads} is smaller '
+                       f'than the {self.kh}x{self.kw} kernel.')
+    # Phase arrays are hq x wq; the padded input is extended (or cut) to sh*hq x sw*wq.
+    self.hq = self.ho + (self.kh - 1) // self.sh
+    self.wq = self.wo + (self.kw - 1) // self.sw
+    self.pads = ((pt, self.sh * self.hq - hp + pb), (pl, self.sw * self.wq - wp + pr))
+    self.taps = [(i, j) for i in range(self.kh) for j in range(self.kw)]
+
+  def phase_of(self, i, j):
+    return i % self.sh, j % self.sw
+
+  def offset_of(self, i, j):
+    return i // self.sh, j // self.sw
+
+
+def _phases(x32, g: _Geometry):
+  """{(a, b): padded input rows a::sh, columns b::sw}, each [n, hq, wq, c], materialised."""
+  xp = _pad(x32, g.pads)
+  if (g.sh, g.sw) == (1, 1):
+    return {(0, 0): xp}
+  n, _, _, c = xp.shape
+  used = sorted({g.phase_of(i, j) for i, j in g.taps})
+  phases = {(a, b): lax.slice(xp, (0, a, b, 0), (n, xp.shape[1], xp.shape[2], c),
+                              (1, g.sh, g.sw, 1)) for a, b in used}
+  return dict(zip(phases, lax.optimization_barrier(tuple(phases.values()))))
+
+
+def _forward(x, kernel, g: _Geometry):
+  phases = _phases(x.astype(jnp.float32), g)
   k = kernel[:, :, 0, :].astype(jnp.float32)
+  n, c = x.shape[0], x.shape[-1]
   acc = None
-  for i in range(kh):
-    for j in range(kw):
-      view = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                       (1, sh, sw, 1))
-      term = view.astype(jnp.float32) * k[i, j]
-      acc = term if acc is None else acc + term
+  for i, j in g.taps:
+    (oi, oj), src = g.offset_of(i, j), phases[g.phase_of(i, j)]
+    term = lax.slice(src, (0, oi, oj, 0), (n, oi + g.ho, oj + g.wo, c)) * k[i, j]
+    acc = term if acc is None else acc + term
   return acc.astype(x.dtype)
 
 
-def _kernel_grad(x, ct, kernel_shape, strides: tuple[int, int], pads: Pads):
-  """d loss / d kernel: one multiply-reduce of a shifted input view and the cotangent per tap.
+def _backward(x, kernel, ct, g: _Geometry):
+  # The cotangent, zero-padded so that every tap's shifted copy is a unit-stride window of it.
+  mi, mj = (g.kh - 1) // g.sh, (g.kw - 1) // g.sw
+  ct = lax.optimization_barrier(ct.astype(jnp.float32))
+  ctp = lax.optimization_barrier(_pad(ct, ((mi, g.hq - g.ho), (mj, g.wq - g.wo))))
+  n, c = ct.shape[0], ct.shape[-1]
 
-  At stride 1 the sum over output rows is unrolled into adds of row slices
-  before the final reduction: XLA:CPU then streams each tap once instead of
-  materialising a shifted copy of the input for a reduction (2x faster).
-  """
-  kh, kw = kernel_shape[:2]
-  sh, sw = strides
-  xp = _pad_hw(x, pads).astype(jnp.float32)
-  ct = ct.astype(jnp.float32)
-  n, ho, wo, c = ct.shape
-  rows = []
-  for i in range(kh):
-    for j in range(kw):
-      view = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                       (1, sh, sw, 1))
-      if strides == (1, 1):
-        acc = view[:, 0] * ct[:, 0]
-        for o in range(1, ho):
-          acc = acc + view[:, o] * ct[:, o]
-        rows.append(jnp.sum(acc, axis=(0, 1)))
-      else:
-        rows.append(jnp.sum(view * ct, axis=(0, 1, 2)))
-  return jnp.stack(rows).reshape(kh, kw, 1, c)
+  def placed(i, j):
+    oi, oj = g.offset_of(i, j)
+    return _pad(ct, ((oi, g.hq - g.ho - oi), (oj, g.wq - g.wo - oj)))
+
+  def window(i, j):
+    oi, oj = g.offset_of(i, j)
+    return lax.slice(ctp, (0, mi - oi, mj - oj, 0), (n, mi - oi + g.hq, mj - oj + g.wq, c))
+
+  phases = _phases(x.astype(jnp.float32), g)
+  k = kernel[:, :, 0, :].astype(jnp.float32)
+  dk = jnp.stack([jnp.sum(phases[g.phase_of(i, j)] * placed(i, j), axis=(0, 1, 2))
+                  for i, j in g.taps])
+  dphase = {}
+  for i, j in g.taps:
+    term = window(i, j) * k[i, j]
+    key = g.phase_of(i, j)
+    dphase[key] = term if key not in dphase else dphase[key] + term
+  zeros = jnp.zeros((n, g.hq, g.wq, c), jnp.float32)
+  rows = [jnp.stack([dphase.get((a, b), zeros) for b in range(g.sw)], axis=3)
+          for a in range(g.sh)]
+  dxp = jnp.stack(rows, axis=2).reshape(n, g.sh * g.hq, g.sw * g.wq, c)
+  (pt, _), (pl, _) = g.pads
+  h, w = x.shape[1:3]
+  dx = lax.slice(_pad(dxp, ((0, max(0, pt + h - dxp.shape[1])), (0, max(0, pl + w - dxp.shape[2])))),
+                 (0, pt, pl, 0), (n, pt + h, pl + w, c))
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _geometry(x, kernel, strides, pads) -> _Geometry:
+  return _Geometry(x.shape[1:3], kernel.shape[:2], strides, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x, kernel, strides, pads):
-  return _shifted_mac(x, kernel, strides, pads)
+  return _forward(x, kernel, _geometry(x, kernel, strides, pads))
 
 
 def _depthwise_fwd(x, kernel, strides, pads):
-  return _shifted_mac(x, kernel, strides, pads), (x, kernel)
+  return _forward(x, kernel, _geometry(x, kernel, strides, pads)), (x, kernel)
 
 
 def _depthwise_bwd(strides, pads, res, ct):
   x, kernel = res
-  _, input_vjp = jax.vjp(lambda x_: _shifted_mac(x_, kernel, strides, pads), x)
-  dk = _kernel_grad(x, ct, kernel.shape, strides, pads)
-  return input_vjp(ct)[0], dk.astype(kernel.dtype)
+  return _backward(x, kernel, ct, _geometry(x, kernel, strides, pads))
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
