@@ -82,9 +82,27 @@ def test_rgb_stem_matches_xla(h, w, stride, padding):
   _assert_same(x, k, stride, padding, 1)
 
 
+DENSE = [
+    # (h, w, cin, cout, kernel, stride, padding): groups=1, kernel gradient as one matmul
+    (8, 8, 8, 6, 3, 1, ((1, 1), (1, 1))),
+    (9, 7, 6, 8, 3, 2, ((1, 1), (1, 1))),     # ResNet's strided 3x3, odd sizes
+    (10, 12, 5, 4, 3, 2, ((0, 1), (0, 1))),   # TF 'SAME' on even input: asymmetric
+    (15, 13, 3, 8, 7, 2, ((3, 3), (3, 3))),   # ResNet's 7x7 RGB stem (too deep for im2col)
+    (9, 9, 8, 8, (1, 3), 1, ((0, 0), (1, 1))),  # Inception's 1x3
+    (12, 11, 4, 5, 3, 3, ((2, 0), (0, 3))),   # stride 3, window past the last row
+]
+
+
+@pytest.mark.parametrize('h, w, cin, cout, kernel, stride, padding', DENSE)
+def test_dense_conv_matches_xla(h, w, cin, cout, kernel, stride, padding):
+  kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+  x, k = _inputs(2, h, w, cin, kh, kw, cout, 1)
+  _assert_same(x, k, stride, padding, 1)
+
+
 @pytest.mark.parametrize('cin, cout, kernel, groups',
                          [(8, 8, 3, 1), (8, 6, 3, 2), (16, 8, (1, 3), 1)])
-def test_other_convs_keep_xla_and_match(cin, cout, kernel, groups):
+def test_other_convs_keep_xla_forward_and_match(cin, cout, kernel, groups):
   kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
   x, k = _inputs(2, 7, 7, cin, kh, kw, cout, groups)
   _assert_same(x, k, 1, 'SAME', groups)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tljax.ops import conv as conv_ops
+from tljax.ops import pool
 
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
@@ -185,7 +186,5 @@ def avg_pool_torch(x, window: int, strides: int, padding: int = 0, count_include
 
 def max_pool_torch(x, window: int, strides: int, padding: int = 0):
   """`torch.nn.MaxPool2d` with explicit padding (padded cells never win)."""
-  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                               (1, strides, strides, 1), pads)
+  return pool.max_pool(x, window, strides, padding)
 

@@ -10,9 +10,12 @@ rewrites exactly those cases as operations XLA:CPU compiles well:
 - depthwise: K*K shifted multiply-adds over a padded input, one fused loop,
   with a hand-written kernel gradient (see `tljax.ops.depthwise`);
 - 1x1 (any stride, groups=1): a 2-D matmul on the flattened pixels;
-- few input channels (the 3x3 RGB stem): one matmul on gathered patches.
+- few input channels (the 3x3 RGB stem): one matmul on gathered patches;
+- any other K x K conv with groups=1 (ResNet, Inception): XLA's forward and
+  input gradient, kernel gradient as one patches matmul (see
+  `tljax.ops.dense_conv`; XLA's own transposes the activations first).
 
-Everything else (and every conv on GPU/TPU) stays `lax.conv_general_dilated`.
+Other grouped convs (and every conv on GPU/TPU) stay `lax.conv_general_dilated`.
 The choice is made at trace time: by `TLJAX_CONV_IMPL` (`xla`, `fast`,
 `auto`), overridden by the `conv_impl(...)` context manager, and for `auto`
 by `jax.default_backend()`. A function already jitted keeps the choice it was
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tljax.ops import depthwise
+from tljax.ops import dense_conv, depthwise
 
 IMPLS = ('auto', 'xla', 'fast')
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar('tljax_conv_impl',
@@ -151,6 +154,8 @@ def conv2d(x, kernel, *, strides: int | Sequence[int] = 1, padding: Padding = 'V
       return im2col_conv2d(x, kernel, strides, pads)
     if groups == cin and groups > 1:
       return depthwise.depthwise_conv2d(x, kernel, strides, pads)
+    if groups == 1:
+      return dense_conv.dense_conv2d(x, kernel, strides, pads)
   if not isinstance(padding, str):
     padding = tuple(tuple(p) for p in padding)
   return xla_conv2d(x, kernel, strides, padding, groups)

@@ -33,15 +33,15 @@ from jax import lax
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _pad(x, hw_pads):
+def _pad(x, hw_pads, value=0.0):
   (pt, pb), (pl, pr) = hw_pads
   if not (pt or pb or pl or pr):
     return x
-  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  return lax.pad(x, jnp.asarray(value, x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
 
-class _Geometry:
-  """Sizes shared by the forward pass and both gradients."""
+class Geometry:
+  """Sizes of a K x K window sliding over a padded input (shared with `tljax.ops.pool`)."""
 
   def __init__(self, in_hw, kernel_hw, strides, pads):
     (self.kh, self.kw), (self.sh, self.sw) = kernel_hw, strides
@@ -64,67 +64,83 @@ class _Geometry:
     return i // self.sh, j // self.sw
 
 
-def _phases(x32, g: _Geometry):
+def phases(x, g: Geometry, pad_value=0.0):
   """{(a, b): padded input rows a::sh, columns b::sw}, each [n, hq, wq, c], materialised."""
-  xp = _pad(x32, g.pads)
+  xp = _pad(x, g.pads, pad_value)
   if (g.sh, g.sw) == (1, 1):
     return {(0, 0): xp}
   n, _, _, c = xp.shape
   used = sorted({g.phase_of(i, j) for i, j in g.taps})
-  phases = {(a, b): lax.slice(xp, (0, a, b, 0), (n, xp.shape[1], xp.shape[2], c),
-                              (1, g.sh, g.sw, 1)) for a, b in used}
-  return dict(zip(phases, lax.optimization_barrier(tuple(phases.values()))))
+  out = {(a, b): lax.slice(xp, (0, a, b, 0), (n, xp.shape[1], xp.shape[2], c),
+                  (1, g.sh, g.sw, 1)) for a, b in used}
+  return dict(zip(out, lax.optimization_barrier(tuple(out.values()))))
 
 
-def _forward(x, kernel, g: _Geometry):
-  phases = _phases(x.astype(jnp.float32), g)
+def _forward(x, kernel, g: Geometry):
+  planes = phases(x.astype(jnp.float32), g)
   k = kernel[:, :, 0, :].astype(jnp.float32)
   n, c = x.shape[0], x.shape[-1]
   acc = None
   for i, j in g.taps:
-    (oi, oj), src = g.offset_of(i, j), phases[g.phase_of(i, j)]
+    (oi, oj), src = g.offset_of(i, j), planes[g.phase_of(i, j)]
     term = lax.slice(src, (0, oi, oj, 0), (n, oi + g.ho, oj + g.wo, c)) * k[i, j]
     acc = term if acc is None else acc + term
   return acc.astype(x.dtype)
 
 
-def _backward(x, kernel, ct, g: _Geometry):
+def _backward(x, kernel, ct, g: Geometry):
   # The cotangent, zero-padded so that every tap's shifted copy is a unit-stride window of it.
   mi, mj = (g.kh - 1) // g.sh, (g.kw - 1) // g.sw
   ct = lax.optimization_barrier(ct.astype(jnp.float32))
   ctp = lax.optimization_barrier(_pad(ct, ((mi, g.hq - g.ho), (mj, g.wq - g.wo))))
   n, c = ct.shape[0], ct.shape[-1]
 
-  def placed(i, j):
-    oi, oj = g.offset_of(i, j)
-    return _pad(ct, ((oi, g.hq - g.ho - oi), (oj, g.wq - g.wo - oj)))
-
   def window(i, j):
     oi, oj = g.offset_of(i, j)
     return lax.slice(ctp, (0, mi - oi, mj - oj, 0), (n, mi - oi + g.hq, mj - oj + g.wq, c))
 
-  phases = _phases(x.astype(jnp.float32), g)
+  planes = phases(x.astype(jnp.float32), g)
   k = kernel[:, :, 0, :].astype(jnp.float32)
-  dk = jnp.stack([jnp.sum(phases[g.phase_of(i, j)] * placed(i, j), axis=(0, 1, 2))
-                  for i, j in g.taps])
+  dk = _kernel_grad(planes, ct, g)
   dphase = {}
   for i, j in g.taps:
     term = window(i, j) * k[i, j]
     key = g.phase_of(i, j)
     dphase[key] = term if key not in dphase else dphase[key] + term
+  dx = input_grad(dphase, g, x.shape)
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _kernel_grad(planes, ct, g: Geometry):
+  """[K*K, c]: per tap, sum(phase * cotangent placed at the tap's offset).
+
+  Padding the small cotangent to the phase's shape (rather than slicing the
+  input) keeps each product-sum one fast reduction for XLA:CPU (2x faster
+  per tap). Walking the batch in cache-sized chunks (`lax.scan`) was 25%
+  faster alone but made a MobileNetV2 step 25% slower.
+  """
+  out = []
+  for i, j in g.taps:
+    oi, oj = g.offset_of(i, j)
+    placed = _pad(ct, ((oi, g.hq - g.ho - oi), (oj, g.wq - g.wo - oj)))
+    out.append(jnp.sum(planes[g.phase_of(i, j)] * placed, axis=(0, 1, 2)))
+  return jnp.stack(out)
+
+
+def input_grad(dphase, g: Geometry, x_shape):
+  """Interleaves per-phase gradients {(a, b): [n, hq, wq, c]} back into the input's shape."""
+  n, h, w, c = x_shape
   zeros = jnp.zeros((n, g.hq, g.wq, c), jnp.float32)
   rows = [jnp.stack([dphase.get((a, b), zeros) for b in range(g.sw)], axis=3)
           for a in range(g.sh)]
   dxp = jnp.stack(rows, axis=2).reshape(n, g.sh * g.hq, g.sw * g.wq, c)
   (pt, _), (pl, _) = g.pads
-  h, w = x.shape[1:3]
-  dx = lax.slice(_pad(dxp, ((0, max(0, pt + h - dxp.shape[1])), (0, max(0, pl + w - dxp.shape[2])))),
-                 (0, pt, pl, 0), (n, pt + h, pl + w, c))
-  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+  dxp = _pad(dxp, ((0, max(0, pt + h - dxp.shape[1])), (0, max(0, pl + w - dxp.shape[2]))))
+  return lax.slice(dxp, (0, pt, pl, 0), (n, pt + h, pl + w, c))
 
 
-def _geometry(x, kernel, strides, pads) -> _Geometry:
-  return _Geometry(x.shape[1:3], kernel.shape[:2], strides, pads)
+def _geometry(x, kernel, strides, pads) -> Geometry:
+  return Geometry(x.shape[1:3], kernel.shape[:2], strides, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
