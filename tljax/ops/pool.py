@@ -46,20 +46,25 @@ def _max_pool(x, window, strides, pads):
 
 
 def _max_pool_fwd(x, window, strides, pads):
-  y = _max_pool(x, window, strides, pads)
-  return y, (x, y)
+  g = depthwise.Geometry(x.shape[1:3], window, strides, pads)
+  views = [view for _, view in _windows(x, g)]
+  y = _forward(x, g)
+  # Which window position the gradient goes to: the first one holding the maximum. Kept as a
+  # residual (int8, so it is materialised once) rather than recomputed per tap in the backward.
+  first = jnp.full(y.shape, len(views), jnp.int8)
+  for t in reversed(range(len(views))):
+    first = jnp.where(views[t] == y, jnp.int8(t), first)
+  return y, (x, first)   # x only for its shape and dtype: an input, alive anyway
 
 
 def _max_pool_bwd(window, strides, pads, res, ct):
-  x, y = res
+  x, first = res
   g = depthwise.Geometry(x.shape[1:3], window, strides, pads)
-  taken = jnp.zeros(y.shape, bool)
+  ct = ct.astype(jnp.float32)
   dphase = {}
-  for (i, j), view in _windows(x, g):
-    hit = (view == y) & ~taken
-    taken = taken | hit
+  for t, (i, j) in enumerate(g.taps):
     oi, oj = g.offset_of(i, j)
-    term = depthwise._pad(jnp.where(hit, ct, 0).astype(jnp.float32),
+    term = depthwise._pad(jnp.where(first == t, ct, 0.0),
                           ((oi, g.hq - g.ho - oi), (oj, g.wq - g.wo - oj)))
     key = g.phase_of(i, j)
     dphase[key] = term if key not in dphase else dphase[key] + term
