@@ -83,8 +83,7 @@ def main(argv: list[str]) -> None:
     _usage(str(e))
   if FLAGS.tune_malloc:
     from tljax.ops import host_memory
-    host_memory.reexec_with_tuned_allocator()   # returns at once when already applied
-    host_memory.tune_host_allocator()           # non-glibc systems: a no-op
+    host_memory.reexec_with_tuned_allocator()   # returns at once if applied or not glibc
   _init_distributed()
   if FLAGS.mode == 'train':
     from tljax import train

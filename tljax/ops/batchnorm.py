@@ -14,6 +14,8 @@ clipped at 0), so values equal `flax.linen.BatchNorm`'s.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -25,7 +27,7 @@ def _stats(x32, axes):
   return mean, var
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def normalize_train(x, scale, bias, eps):
   """(y, batch mean, batch variance) over all axes but the last; y in float32."""
   return _normalize_fwd(x, scale, bias, eps)[0]
@@ -37,11 +39,12 @@ def _normalize_fwd(x, scale, bias, eps):
   mean, var = _stats(x32, axes)
   inv = lax.rsqrt(var + eps)
   y = (x32 - mean) * (inv * scale) + bias
-  return (y, mean, var), (x, scale, mean, inv, eps)
+  return (y, mean, var), (x, scale, mean, inv)
 
 
-def _normalize_bwd(res, cts):
-  x, scale, mean, inv, eps = res
+def _normalize_bwd(eps, res, cts):
+  del eps
+  x, scale, mean, inv = res
   g = cts[0].astype(jnp.float32)   # the statistics feed running averages only
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
@@ -51,7 +54,7 @@ def _normalize_bwd(res, cts):
   dscale = inv * (sum_gx - mean * sum_g)          # sum(g * xhat)
   xhat = (x32 - mean) * inv
   dx = (scale * inv) * (g - sum_g / count - xhat * (dscale / count))
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_g.astype(scale.dtype), 0.0 * eps
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_g.astype(scale.dtype)
 
 
 normalize_train.defvjp(_normalize_fwd, _normalize_bwd)

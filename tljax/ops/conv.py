@@ -115,15 +115,8 @@ def im2col_conv2d(x, kernel, strides, pads):
   kh*kw*cin is small: the patch matrix grows with it.
   """
   kh, kw, cin, cout = kernel.shape
-  sh, sw = strides
-  (pt, pb), (pl, pr) = pads
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-  n, hp, wp, _ = xp.shape
-  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  views = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                     (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-  patches = jnp.concatenate(views, axis=-1).reshape(n * ho * wo, kh * kw * cin)
-  y = jnp.dot(patches, kernel.reshape(kh * kw * cin, cout), preferred_element_type=jnp.float32)
+  cols, (n, ho, wo) = dense_conv.patches(x, (kh, kw), strides, pads)
+  y = jnp.dot(cols, kernel.reshape(kh * kw * cin, cout), preferred_element_type=jnp.float32)
   return y.astype(x.dtype).reshape(n, ho, wo, cout)
 
 

@@ -27,16 +27,23 @@ def _conv(x, kernel, strides, pads):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _kernel_grad(x, ct, kernel_shape, strides, pads):
-  kh, kw, cin, cout = kernel_shape
-  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+def patches(x, kernel_hw, strides, pads):
+  """[n*ho*wo, kh*kw*cin]: the kh*kw shifted (strided) views of the padded input, side by side.
+
+  Also `tljax.ops.conv.im2col_conv2d`'s operand. Returns (patches, (n, ho, wo)).
+  """
+  (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_hw, strides, pads
   xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-  n, ho, wo, _ = ct.shape
+  n, hp, wp, cin = xp.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
   views = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
                      (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-  ct2 = ct.reshape(n * ho * wo, cout)
-  patches = jnp.concatenate(views, axis=-1).reshape(n * ho * wo, kh * kw * cin)
-  dk = lax.dot_general(patches, ct2, (((0,), (0,)), ((), ())),
+  return jnp.concatenate(views, axis=-1).reshape(n * ho * wo, kh * kw * cin), (n, ho, wo)
+
+
+def _kernel_grad(x, ct, kernel_shape, strides, pads):
+  cols, _ = patches(x, kernel_shape[:2], strides, pads)
+  dk = lax.dot_general(cols, ct.reshape(-1, kernel_shape[-1]), (((0,), (0,)), ((), ())),
                        preferred_element_type=jnp.float32)
   return dk.reshape(kernel_shape)
 

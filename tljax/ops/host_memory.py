@@ -69,8 +69,7 @@ def allocator_environ(environ: Mapping[str, str] | None = None) -> dict[str, str
   Settings the caller already put in GLIBC_TUNABLES are kept as they are.
   """
   env = dict(os.environ if environ is None else environ)
-  current = _parse_tunables(env.get('GLIBC_TUNABLES', ''))
-  merged = dict(current)
+  merged = _parse_tunables(env.get('GLIBC_TUNABLES', ''))
   for key, value in TUNABLES.items():
     merged.setdefault(key, str(value))
   env['GLIBC_TUNABLES'] = ':'.join(f'{k}={v}' for k, v in merged.items())

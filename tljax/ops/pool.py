@@ -25,30 +25,27 @@ from tljax.ops import depthwise
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _windows(x, g: depthwise.Geometry):
-  planes = depthwise.phases(x, g, pad_value=-jnp.inf)
-  n, c = x.shape[0], x.shape[-1]
-  for i, j in g.taps:
-    (oi, oj), src = g.offset_of(i, j), planes[g.phase_of(i, j)]
-    yield (i, j), lax.slice(src, (0, oi, oj, 0), (n, oi + g.ho, oj + g.wo, c))
+def _views(x, window, strides, pads):
+  """(geometry, the K*K window views of x in row-major tap order; padding is -inf)."""
+  g = depthwise.Geometry(x.shape[1:3], window, strides, pads)
+  return g, [view for _, view in depthwise.windows(depthwise.phases(x, g, -jnp.inf), g)]
 
 
-def _forward(x, g):
-  out = None
-  for _, view in _windows(x, g):
-    out = view if out is None else jnp.maximum(out, view)
+def _maximum(views):
+  out = views[0]
+  for view in views[1:]:
+    out = jnp.maximum(out, view)
   return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, pads):
-  return _forward(x, depthwise.Geometry(x.shape[1:3], window, strides, pads))
+  return _maximum(_views(x, window, strides, pads)[1])
 
 
 def _max_pool_fwd(x, window, strides, pads):
-  g = depthwise.Geometry(x.shape[1:3], window, strides, pads)
-  views = [view for _, view in _windows(x, g)]
-  y = _forward(x, g)
+  _, views = _views(x, window, strides, pads)
+  y = _maximum(views)
   # Which window position the gradient goes to: the first one holding the maximum. Kept as a
   # residual (int8, so it is materialised once) rather than recomputed per tap in the backward.
   first = jnp.full(y.shape, len(views), jnp.int8)
@@ -61,14 +58,9 @@ def _max_pool_bwd(window, strides, pads, res, ct):
   x, first = res
   g = depthwise.Geometry(x.shape[1:3], window, strides, pads)
   ct = ct.astype(jnp.float32)
-  dphase = {}
-  for t, (i, j) in enumerate(g.taps):
-    oi, oj = g.offset_of(i, j)
-    term = depthwise._pad(jnp.where(first == t, ct, 0.0),
-                          ((oi, g.hq - g.ho - oi), (oj, g.wq - g.wo - oj)))
-    key = g.phase_of(i, j)
-    dphase[key] = term if key not in dphase else dphase[key] + term
-  return (depthwise.input_grad(dphase, g, x.shape).astype(x.dtype),)
+  terms = (((i, j), g.place(jnp.where(first == t, ct, 0.0), i, j))
+           for t, (i, j) in enumerate(g.taps))
+  return (depthwise.input_grad(terms, g, x.shape).astype(x.dtype),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
