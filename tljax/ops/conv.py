@@ -7,8 +7,9 @@ grouped (depthwise) convolutions run at well under 1 GFLOP/s and 1x1
 convolutions at a fraction of the matmul rate. The 'fast' implementation
 rewrites exactly those cases as operations XLA:CPU compiles well:
 
-- depthwise: K*K shifted multiply-adds over a padded input, one fused loop,
-  with a hand-written kernel gradient (see `tljax.ops.depthwise`);
+- depthwise: C++ kernels through XLA's FFI where a compiler is available
+  (`tljax.ops.native`), else K*K shifted multiply-adds over a padded input
+  with hand-written gradients (see `tljax.ops.depthwise`);
 - 1x1 (any stride, groups=1): a 2-D matmul on the flattened pixels;
 - few input channels (the 3x3 RGB stem): one matmul on gathered patches;
 - any other K x K conv with groups=1 (ResNet, Inception): XLA's forward and

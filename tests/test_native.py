@@ -1,0 +1,168 @@
+"""The C++ CPU kernels (`tljax.ops.native`): built, used, exact, and optional.
+
+References are XLA's own grouped convolution and its autodiff gradients,
+never the code under test.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from tljax.ops import conv, native
+
+HAS_COMPILER = native._compiler() is not None
+
+
+@pytest.fixture
+def pure_jax(monkeypatch):
+  monkeypatch.setenv('TLJAX_NATIVE', '0')
+
+
+def _depthwise_loss(x, k, stride, padding):
+  def loss(x, k, ct):
+    y = conv.conv2d(x, k, strides=stride, padding=padding, groups=x.shape[-1])
+    return jnp.sum(y.astype(jnp.float32) * ct), y
+  return loss
+
+
+def _run(impl, x, k, stride, padding):
+  loss = _depthwise_loss(x, k, stride, padding)
+  with conv.conv_impl(impl):
+    shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
+    ct = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, y), (dx, dk) = fn(x, k, ct)
+    hlo = fn.lower(x, k, ct).compile().as_text()
+  return (y, dx, dk), hlo
+
+
+# Wide enough for the 8-pixel tiles and the edge columns; channel counts with and without a
+# tail past the last 16-channel block.
+CASES = [
+    # (n, h, w, channels, kernel, stride, padding)
+    (2, 13, 21, 35, 3, 1, 'SAME'),
+    (2, 20, 19, 48, 3, 2, ((0, 1), (0, 1))),     # TF 'SAME' at stride 2
+    (2, 17, 18, 40, 5, 2, ((2, 2), (2, 2))),
+    (3, 12, 30, 32, 5, 1, ((2, 2), (2, 2))),
+    (1, 9, 25, 17, 3, 3, ((2, 0), (0, 3))),      # stride 3, asymmetric
+    (2, 11, 26, 16, 3, 1, 'VALID'),
+    (2, 3, 4, 20, 5, 1, ((2, 2), (2, 2))),       # window wider than the image
+]
+
+
+def _assert_close(ref, got, rtol=1e-5):
+  for name, a, b in zip(('output', 'input grad', 'kernel grad'), ref, got):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    err = np.max(np.abs(a - b)) / np.max(np.abs(a))
+    assert err <= rtol, f'{name}: relative error {err:.2e}'
+
+
+def _inputs(n, h, w, c, kernel, dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.standard_normal((n, h, w, c)), dtype),
+          jnp.asarray(rng.standard_normal((kernel, kernel, 1, c)), dtype))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_kernels_build_where_a_compiler_exists():
+  assert native.available(), 'a compiler exists but the C++ kernels did not build'
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('n, h, w, c, kernel, stride, padding', CASES)
+def test_native_depthwise_matches_xla(n, h, w, c, kernel, stride, padding):
+  x, k = _inputs(n, h, w, c, kernel)
+  ref, _ = _run('xla', x, k, stride, padding)
+  got, hlo = _run('fast', x, k, stride, padding)
+  assert 'tljax_depthwise_forward' in hlo and 'tljax_depthwise_backward' in hlo
+  _assert_close(ref, got)
+
+
+@pytest.mark.parametrize('n, h, w, c, kernel, stride, padding', CASES[:3])
+def test_pure_jax_depthwise_without_native(pure_jax, n, h, w, c, kernel, stride, padding):
+  x, k = _inputs(n, h, w, c, kernel)
+  ref, _ = _run('xla', x, k, stride, padding)
+  got, hlo = _run('fast', x, k, stride, padding)
+  assert 'tljax_depthwise' not in hlo
+  _assert_close(ref, got)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_native_bf16_matches_xla():
+  x, k = _inputs(2, 10, 19, 24, 3, jnp.bfloat16)
+  ref, _ = _run('xla', x, k, 2, 'SAME')
+  got, hlo = _run('fast', x, k, 2, 'SAME')
+  assert 'tljax_depthwise_forward' in hlo
+  _assert_close(ref, got, rtol=1e-2)
+
+
+def test_bad_switch_is_explained(monkeypatch):
+  monkeypatch.setenv('TLJAX_NATIVE', 'maybe')
+  with pytest.raises(ValueError, match='TLJAX_NATIVE=.maybe.*use 1.*or 0'):
+    native.library()
+
+
+def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
+  broken = tmp_path / 'broken-c++'
+  broken.write_text('#!/bin/sh\necho "broken-c++: internal error" >&2\nexit 1\n')
+  broken.chmod(0o755)
+  monkeypatch.setenv('CXX', str(broken))
+  monkeypatch.setenv('TLJAX_CACHE_DIR', str(tmp_path / 'cache'))
+  native._load.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match=r'(?s)could not build.*broken-c\+\+: internal error'):
+      assert native.library() is None
+    x, k = _inputs(1, 6, 9, 18, 3)
+    ref, _ = _run('xla', x, k, 1, 'SAME')
+    got, hlo = _run('fast', x, k, 1, 'SAME')
+    assert 'tljax_depthwise' not in hlo
+    _assert_close(ref, got)
+    assert not list((tmp_path / 'cache').rglob('*.so')), 'a failed build left a library behind'
+  finally:
+    native._load.cache_clear()
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_build_is_cached_by_source(tmp_path, monkeypatch):
+  monkeypatch.setenv('TLJAX_CACHE_DIR', str(tmp_path))
+  first = native._build(native._compiler())
+  mtime = first.stat().st_mtime_ns
+  assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == mtime
+  assert [p.name for p in tmp_path.rglob('*') if p.is_file()] == [first.name]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_native_kernels_under_pmap_on_several_devices(tmp_path):
+  """Several CPU devices call the kernels at once and share XLA's thread pool."""
+  script = textwrap.dedent('''
+      import jax, jax.numpy as jnp, numpy as np
+      from tljax.ops import conv
+      assert jax.local_device_count() == 4
+      rng = np.random.default_rng(0)
+      x = jnp.asarray(rng.standard_normal((4, 3, 14, 18, 32)), jnp.float32)
+      k = jnp.asarray(rng.standard_normal((3, 3, 1, 32)), jnp.float32)
+      def grads(impl):
+        def loss(x, k):
+          with conv.conv_impl(impl):
+            return jnp.sum(jnp.sin(conv.conv2d(x, k, strides=2, padding='SAME', groups=32)))
+        return jax.pmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(x, k)
+      for a, b in zip(grads('xla'), grads('fast')):
+        err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+        assert err < 1e-5, err
+      print('ok')
+  ''')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                        timeout=300, cwd=pathlib.Path(__file__).parent.parent)
+  assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr[-3000:]

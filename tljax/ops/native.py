@@ -1,0 +1,116 @@
+"""C++ CPU kernels, compiled on first use and called through XLA's FFI.
+
+Some ops have no formulation that XLA:CPU compiles well (a depthwise
+kernel gradient needs one full pass per tap). Their kernels live in
+`tljax/ops/csrc/*.cc`, written against the FFI headers that ship with
+jaxlib. The first process that needs them compiles them with the system C++
+compiler (`$CXX`, else `c++`, `-O3 -march=native`) into a cache keyed by the
+source, compiler, CPU and jaxlib, so a later process only loads the library.
+
+Nothing here is required: with `TLJAX_NATIVE=0`, with no compiler, or when
+compiling fails, `library()` returns None (with one warning saying why and
+how to fix it) and callers keep their pure-JAX path. GPU/TPU never use these.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jaxlib
+
+SOURCES = ('depthwise.cc',)
+TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward')
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
+_CSRC = pathlib.Path(__file__).with_name('csrc')
+
+
+def enabled() -> bool:
+  value = os.environ.get('TLJAX_NATIVE', '1').strip().lower()
+  if value not in ('0', '1', 'false', 'true', 'off', 'on'):
+    raise ValueError(f'TLJAX_NATIVE={value!r}: use 1 (compile and use the C++ CPU kernels) '
+                     'or 0 (pure-JAX paths only).')
+  return value in ('1', 'true', 'on')
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get('TLJAX_CACHE_DIR') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'tljax')
+  return pathlib.Path(root) / 'native'
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_identity() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return ''.join(line for line in f if line.startswith(('flags', 'model name')))[:4096]
+  except OSError:
+    return os.uname().machine
+
+
+def _build(cxx: str) -> pathlib.Path:
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
+  digest = hashlib.sha256()
+  for part in (version, ' '.join(FLAGS), _cpu_identity(), jaxlib.__version__):
+    digest.update(part.encode())
+  for name in SOURCES:
+    digest.update((_CSRC / name).read_bytes())
+  out = cache_dir() / f'tljax_cpu_{digest.hexdigest()[:16]}.so'
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Build under a temporary name and rename: concurrent processes never load a partial file.
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
+  os.close(fd)
+  cmd = [cxx, *FLAGS, f'-I{jax.ffi.include_dir()}', *[str(_CSRC / s) for s in SOURCES], '-o', tmp]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
+  os.replace(tmp, out)
+  return out
+
+
+def library() -> ctypes.CDLL | None:
+  """The compiled kernels, registered as XLA:CPU FFI targets; None when unavailable.
+
+  `TLJAX_NATIVE` is read on every call (it is consulted at trace time), the
+  build and registration happen once per process.
+  """
+  return _load() if enabled() else None
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+  cxx = _compiler()
+  if cxx is None:
+    warnings.warn('tljax: no C++ compiler found (install g++ or set CXX); using the slower '
+                  'pure-JAX CPU kernels. Set TLJAX_NATIVE=0 to silence this.')
+    return None
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+  except (OSError, RuntimeError) as e:
+    warnings.warn(f'tljax: could not build the C++ CPU kernels ({e}); using the slower '
+                  'pure-JAX CPU kernels. Set TLJAX_NATIVE=0 to silence this.')
+    return None
+  for name in TARGETS:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+  return lib
+
+
+def available() -> bool:
+  return library() is not None
