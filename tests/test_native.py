@@ -166,3 +166,54 @@ def test_native_kernels_under_pmap_on_several_devices(tmp_path):
   proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                         timeout=300, cwd=pathlib.Path(__file__).parent.parent)
   assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr[-3000:]
+
+
+DENSE = [
+    # (n, h, w, cin, cout, kh, kw, stride, padding)
+    (2, 13, 11, 35, 48, 3, 3, 1, 'SAME'),          # channel tails in the tiles
+    (2, 14, 15, 16, 32, 3, 3, 2, ((0, 1), (0, 1))),  # TF 'SAME' at stride 2
+    (3, 9, 10, 24, 16, 5, 5, 2, ((2, 2), (2, 2))),
+    (1, 9, 17, 20, 64, 1, 7, 1, ((0, 0), (3, 3))),   # Inception's 1x7 and 7x1
+    (2, 17, 9, 40, 80, 7, 1, 1, ((3, 3), (0, 0))),
+    (2, 11, 12, 300, 32, 3, 3, 1, ((1, 1), (1, 1))),  # deeper than one 256-channel pass
+    (1, 10, 9, 16, 16, 3, 3, 3, ((2, 0), (0, 3))),    # stride 3, asymmetric
+    (2, 8, 8, 32, 32, 3, 3, 1, 'VALID'),
+]
+
+
+def _dense_run(impl, x, k, stride, padding):
+  def loss(x, k, ct):
+    y = conv.conv2d(x, k, strides=stride, padding=padding)
+    return jnp.sum(y * ct), y
+  with conv.conv_impl(impl):
+    shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
+    ct = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, y), (dx, dk) = fn(x, k, ct)
+    hlo = fn.lower(x, k, ct).compile().as_text()
+  return (y, dx, dk), hlo
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('n, h, w, cin, cout, kh, kw, stride, padding', DENSE)
+def test_native_dense_conv_matches_xla(n, h, w, cin, cout, kh, kw, stride, padding):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)), jnp.float32)
+  ref, _ = _dense_run('xla', x, k, stride, padding)
+  got, hlo = _dense_run('fast', x, k, stride, padding)
+  assert 'tljax_conv_forward' in hlo and 'tljax_conv_kernel_grad' in hlo
+  _assert_close(ref, got)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_dense_conv_outside_native_limits_keeps_other_paths():
+  """Few input channels (an RGB stem) or an odd output width: no C++ conv, same results."""
+  rng = np.random.default_rng(2)
+  for cin, cout in ((3, 64), (32, 24)):
+    x = jnp.asarray(rng.standard_normal((2, 15, 15, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((7, 7, cin, cout)), jnp.float32)
+    ref, _ = _dense_run('xla', x, k, 2, ((3, 3), (3, 3)))
+    got, hlo = _dense_run('fast', x, k, 2, ((3, 3), (3, 3)))
+    assert 'tljax_conv' not in hlo
+    _assert_close(ref, got)

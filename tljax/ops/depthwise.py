@@ -188,12 +188,10 @@ def _native_backward(x, kernel, ct, g: Geometry):
 
 
 def _on_platform(native_fn, jax_fn, g: Geometry, *args):
-  """`native_fn` on CPU when the C++ kernels are built, else (and on GPU/TPU) `jax_fn`."""
   (pt, _), (pl, _) = g.pads
-  if pt < 0 or pl < 0 or not native.available():
+  if pt < 0 or pl < 0:
     return jax_fn(*args, g)
-  return lax.platform_dependent(*args, cpu=lambda *a: native_fn(*a, g),
-                                default=lambda *a: jax_fn(*a, g))
+  return native.dispatch(lambda *a: native_fn(*a, g), lambda *a: jax_fn(*a, g), *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -25,10 +25,13 @@ import tempfile
 import warnings
 
 import jax
+from jax import lax
 import jaxlib
 
-SOURCES = ('depthwise.cc',)
-TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward')
+SOURCES = ('depthwise.cc', 'conv.cc')
+HEADERS = ('parallel.h',)
+TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward', 'tljax_conv_forward',
+           'tljax_conv_kernel_grad')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
 _CSRC = pathlib.Path(__file__).with_name('csrc')
 
@@ -67,7 +70,7 @@ def _build(cxx: str) -> pathlib.Path:
   digest = hashlib.sha256()
   for part in (version, ' '.join(FLAGS), _cpu_identity(), jaxlib.__version__):
     digest.update(part.encode())
-  for name in SOURCES:
+  for name in SOURCES + HEADERS:
     digest.update((_CSRC / name).read_bytes())
   out = cache_dir() / f'tljax_cpu_{digest.hexdigest()[:16]}.so'
   if out.exists():
@@ -114,3 +117,14 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
   return library() is not None
+
+
+def dispatch(native_fn, fallback_fn, *args):
+  """`native_fn(*args)` when run on CPU with the kernels built; `fallback_fn(*args)` otherwise.
+
+  Decided per platform at lowering (`lax.platform_dependent`), so one traced
+  function still runs on GPU/TPU.
+  """
+  if not available():
+    return fallback_fn(*args)
+  return lax.platform_dependent(*args, cpu=native_fn, default=fallback_fn)

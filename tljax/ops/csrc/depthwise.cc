@@ -12,16 +12,15 @@
 // runs the rows (forward) or images (backward).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
+using tljax::ParallelFor;
 
 namespace {
 
@@ -56,35 +55,6 @@ struct Geometry {
     if (*hi < *lo) *hi = *lo;
   }
 };
-
-// Runs body(item, worker) for item in [0, items) on up to `max_workers`
-// threads of XLA's pool, the calling thread included. The caller waits only
-// for items that some thread has claimed, never for a helper to start, so a
-// busy or absent pool cannot deadlock it; helpers that start late find no
-// work and leave without touching `body`.
-template <class Body>
-int ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t max_workers, Body& body) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::atomic<int> workers{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t workers = std::max<int64_t>(1, std::min({threads, items, max_workers}));
-  auto work = [shared, items, &body]() {
-    int worker = shared->workers.fetch_add(1);
-    for (;;) {
-      int64_t item = shared->next.fetch_add(1);
-      if (item >= items) break;
-      body(item, worker);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-  return static_cast<int>(workers);
-}
 
 // Output columns [lo, hi) whose whole window lies inside the image (no bounds checks needed).
 inline void Interior(const Geometry& g, int64_t* lo, int64_t* hi) {

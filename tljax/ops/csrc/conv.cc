@@ -1,0 +1,236 @@
+// Dense (groups = 1) 2-D convolution for XLA:CPU as an indirect GEMM.
+//
+// Output pixels are the GEMM rows, output channels its columns, (tap, input
+// channel) its depth. No im2col buffer is built: a tile of output pixels
+// keeps one pointer per pixel to the input row a tap reads (or to a zero row
+// where the tap falls in the padding), and the micro-kernel broadcasts from
+// those rows against 32 output channels of the HWIO kernel, accumulating a
+// 12 x 32 block in registers. Work items are chunks of output pixels, so
+// every thread of XLA's pool writes its own rows.
+//
+// The input gradient of a stride-1 convolution is the same computation
+// (cotangent in, flipped and transposed kernel), set up on the JAX side.
+// The kernel gradient is the transposed product: per tap, input rows^T times
+// cotangent rows, over chunks of output pixels; each worker accumulates its
+// own copy of the gradient and the copies are summed at the end.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using tljax::ParallelFor;
+
+namespace {
+
+typedef float V16 __attribute__((vector_size(64)));
+
+inline V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+
+constexpr int kRows = 12;         // output pixels per register tile
+constexpr int64_t kTiles = 6;     // tiles per work item
+constexpr int64_t kDepth = 256;   // input channels per pass (keeps the kernel slice in L2)
+
+// out[r, 16v..16v+15] (+)= sum_c rows[r][c] * b[c * ldb + 16v ..]; rows >= valid are not stored.
+template <int NV>
+inline void Micro(const float* const* rows, const float* b, int64_t ldb, int64_t depth,
+                  float* out, int64_t ldo, int valid, bool accumulate) {
+  V16 acc[kRows][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = (accumulate && r < valid) ? Load(out + r * ldo + 16 * v) : V16{};
+  const float* rp[kRows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) rp[r] = rows[r];
+  for (int64_t c = 0; c < depth; ++c) {
+    V16 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + c * ldb + 16 * v);
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      float a = rp[r][c];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * a;
+    }
+  }
+  for (int r = 0; r < valid; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
+}
+
+struct Geometry {
+  int64_t n, h, w, cin, kh, kw, sh, sw, pt, pl, ho, wo, cout;
+};
+
+ffi::Error Check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions kd,
+                 ffi::AnyBuffer::Dimensions yd, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                 Geometry* g) {
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "conv: want x [N,H,W,Cin], kernel [KH,KW,Cin,Cout], y [N,HO,WO,Cout]");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], sh, sw, pt, pl, yd[1], yd[2], kd[3]};
+  if (kd[2] != g->cin || yd[0] != g->n || yd[3] != g->cout || g->cout % 16 || sh < 1 || sw < 1 ||
+      pt < 0 || pl < 0)
+    return ffi::Error::InvalidArgument(
+        "conv: inconsistent shapes, strides or padding (output channels must be a multiple of 16)");
+  return ffi::Error::Success();
+}
+
+// The input row that output pixel p reads at tap (i, j), or `zeros` in the padding.
+inline const float* InputRow(const Geometry& g, const float* x, const float* zeros, int64_t p,
+                             int64_t i, int64_t j) {
+  int64_t n = p / (g.ho * g.wo), rem = p % (g.ho * g.wo);
+  int64_t ih = rem / g.wo * g.sh + i - g.pt, iw = rem % g.wo * g.sw + j - g.pl;
+  if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return zeros;
+  return x + ((n * g.h + ih) * g.w + iw) * g.cin;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  Geometry g;
+  if (ffi::Error e = Check(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
+  const float* xp = x.typed_data();
+  const float* kp = k.typed_data();
+  float* yp = y->typed_data();
+  const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
+  const int64_t pixels = g.n * g.ho * g.wo, chunk = kRows * kTiles;
+  auto body = [&](int64_t item, int) {
+    const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
+    const float* rows[kRows * kTiles];
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) {
+        for (int64_t p = p0; p < p0 + chunk; ++p)
+          rows[p - p0] = p < p1 ? InputRow(g, xp, zeros.data(), p, i, j) : zeros.data();
+        const float* kt = kp + (i * g.kw + j) * g.cin * g.cout;
+        for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
+          const int64_t depth = std::min(kDepth, g.cin - c0);
+          const bool accumulate = i > 0 || j > 0 || c0 > 0;
+          for (int64_t t = 0; t * kRows < p1 - p0; ++t) {
+            const float* tile[kRows];
+            for (int r = 0; r < kRows; ++r) tile[r] = rows[t * kRows + r] + c0;
+            const int valid = static_cast<int>(std::min<int64_t>(kRows, p1 - p0 - t * kRows));
+            float* out = yp + (p0 + t * kRows) * g.cout;
+            int64_t co = 0;
+            for (; co + 32 <= g.cout; co += 32)
+              Micro<2>(tile, kt + c0 * g.cout + co, g.cout, depth, out + co, g.cout, valid, accumulate);
+            if (co < g.cout)
+              Micro<1>(tile, kt + c0 * g.cout + co, g.cout, depth, out + co, g.cout, valid, accumulate);
+          }
+        }
+      }
+  };
+  const int64_t items = (pixels + chunk - 1) / chunk;
+  ParallelFor(pool, items, items, body);
+  return ffi::Error::Success();
+}
+
+constexpr int64_t kGradPixels = 128;  // output pixels per kernel-gradient work item
+
+// acc[r, 16v..] += sum_q rows[q][ch[r]] * ct[q * ldc + 16v ..] for the item's pixels q.
+template <int NV>
+inline void MicroGrad(const float* const* rows, const int64_t* ch, const float* ct, int64_t ldc,
+                      int64_t count, float* out, int64_t ldo, int valid) {
+  V16 acc[kRows][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = r < valid ? Load(out + r * ldo + 16 * v) : V16{};
+  int64_t off[kRows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) off[r] = ch[r];
+  for (int64_t q = 0; q < count; ++q) {
+    const float* row = rows[q];
+    V16 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = Load(ct + q * ldc + 16 * v);
+#pragma GCC unroll 12
+    for (int r = 0; r < kRows; ++r) {
+      float a = row[off[r]];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * a;
+    }
+  }
+  for (int r = 0; r < valid; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
+                      ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pl) {
+  Geometry g;
+  if (ffi::Error e = Check(x.dimensions(), dk->dimensions(), ct.dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
+  const float* xp = x.typed_data();
+  const float* cp = ct.typed_data();
+  const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
+  const int64_t pixels = g.n * g.ho * g.wo, size = g.kh * g.kw * g.cin * g.cout;
+  const int64_t items = (pixels + kGradPixels - 1) / kGradPixels;
+  const int64_t threads = std::max<int64_t>(1, std::min(pool.num_threads(), items));
+  std::vector<float> partial(static_cast<size_t>(threads * size), 0.0f);
+  auto body = [&](int64_t item, int worker) {
+    const int64_t p0 = item * kGradPixels, count = std::min(kGradPixels, pixels - p0);
+    const float* rows[kGradPixels];
+    float* dkw = partial.data() + worker * size;
+    const float* ctp = cp + p0 * g.cout;
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) {
+        for (int64_t q = 0; q < count; ++q) rows[q] = InputRow(g, xp, zeros.data(), p0 + q, i, j);
+        float* dkt = dkw + (i * g.kw + j) * g.cin * g.cout;
+        for (int64_t c0 = 0; c0 < g.cin; c0 += kRows) {
+          const int valid = static_cast<int>(std::min<int64_t>(kRows, g.cin - c0));
+          int64_t ch[kRows];
+          for (int r = 0; r < kRows; ++r) ch[r] = c0 + std::min(r, valid - 1);
+          float* out = dkt + c0 * g.cout;
+          int64_t co = 0;
+          for (; co + 32 <= g.cout; co += 32)
+            MicroGrad<2>(rows, ch, ctp + co, g.cout, count, out + co, g.cout, valid);
+          if (co < g.cout) MicroGrad<1>(rows, ch, ctp + co, g.cout, count, out + co, g.cout, valid);
+        }
+      }
+  };
+  const int workers = ParallelFor(pool, items, threads, body);
+  float* out = dk->typed_data();
+  std::memcpy(out, partial.data(), sizeof(float) * size);
+  for (int w = 1; w < workers; ++w)
+    for (int64_t t = 0; t < size; ++t) out[t] += partial[w * size + t];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_kernel_grad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));

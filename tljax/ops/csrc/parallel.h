@@ -1,0 +1,46 @@
+// Work sharing over XLA:CPU's intra-op thread pool for the FFI kernels.
+#ifndef TLJAX_OPS_CSRC_PARALLEL_H_
+#define TLJAX_OPS_CSRC_PARALLEL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace tljax {
+
+// Runs body(item, worker) for item in [0, items) on up to `max_workers`
+// threads of XLA's pool, the calling thread included. The caller waits only
+// for items that some thread has claimed, never for a helper to start, so a
+// busy or absent pool cannot deadlock it; helpers that start late find no
+// work and leave without touching `body`.
+template <class Body>
+inline int ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t max_workers, Body& body) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> workers{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t workers = std::max<int64_t>(1, std::min({threads, items, max_workers}));
+  auto work = [shared, items, &body]() {
+    int worker = shared->workers.fetch_add(1);
+    for (;;) {
+      int64_t item = shared->next.fetch_add(1);
+      if (item >= items) break;
+      body(item, worker);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < workers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  return static_cast<int>(workers);
+}
+
+}  // namespace tljax
+
+#endif  // TLJAX_OPS_CSRC_PARALLEL_H_
