@@ -207,13 +207,28 @@ def test_native_dense_conv_matches_xla(n, h, w, cin, cout, kh, kw, stride, paddi
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('cin, kernel, stride, padding', [
+    (3, 7, 2, ((3, 3), (3, 3))),     # ResNet's RGB stem: taps merged along the width
+    (2, 5, 1, 'SAME'),
+    (3, 5, 1, ((0, 2), (1, 0))),     # (kh * kw * cin <= 32 goes to the im2col path instead)
+])
+def test_native_few_channel_conv_matches_xla(cin, kernel, stride, padding):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 23, 21, cin)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kernel, kernel, cin, 64)), jnp.float32)
+  ref, _ = _dense_run('xla', x, k, stride, padding)
+  got, hlo = _dense_run('fast', x, k, stride, padding)
+  assert 'tljax_conv_forward' in hlo and 'tljax_conv_kernel_grad' in hlo
+  _assert_close(ref, got)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
 def test_dense_conv_outside_native_limits_keeps_other_paths():
-  """Few input channels (an RGB stem) or an odd output width: no C++ conv, same results."""
+  """Output channels that are not a multiple of 16: no C++ conv, same results."""
   rng = np.random.default_rng(2)
-  for cin, cout in ((3, 64), (32, 24)):
-    x = jnp.asarray(rng.standard_normal((2, 15, 15, cin)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((7, 7, cin, cout)), jnp.float32)
-    ref, _ = _dense_run('xla', x, k, 2, ((3, 3), (3, 3)))
-    got, hlo = _dense_run('fast', x, k, 2, ((3, 3), (3, 3)))
-    assert 'tljax_conv' not in hlo
-    _assert_close(ref, got)
+  x = jnp.asarray(rng.standard_normal((2, 15, 15, 32)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((7, 7, 32, 24)), jnp.float32)
+  ref, _ = _dense_run('xla', x, k, 2, ((3, 3), (3, 3)))
+  got, hlo = _dense_run('fast', x, k, 2, ((3, 3), (3, 3)))
+  assert 'tljax_conv' not in hlo
+  _assert_close(ref, got)

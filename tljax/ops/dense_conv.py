@@ -71,22 +71,35 @@ def _native_conv(x, kernel, strides, top_left, out_hw):
 
 
 def _native_ok(x, kernel, pads, out_channels):
-  """The C++ kernels take float32, >= 16 input and a multiple of 16 output channels.
-
-  With fewer input channels (an RGB stem) each tap is too shallow for the
-  GEMM tiles; XLA (or the patches matmul) is faster there.
-  """
+  """The C++ kernels take float32 and a multiple of 16 output channels."""
   return (x.dtype == kernel.dtype == jnp.float32 and out_channels % 16 == 0
-          and kernel.shape[2] >= 16 and min(p for pair in pads for p in pair) >= 0)
+          and min(p for pair in pads for p in pair) >= 0)
+
+
+def _merged(x, kernel, pads):
+  """Few input channels (an RGB stem): each tap would be too shallow for the GEMM tiles.
+
+  Over the explicitly padded input, the kw taps of one kernel row read kw
+  neighbouring pixels, i.e. one contiguous row of kw * cin floats; the C++
+  kernels take that as a [kh, 1, kw * cin, cout] kernel with no padding.
+  """
+  if x.shape[-1] >= 16:
+    return x, kernel, pads
+  kh, kw, cin, cout = kernel.shape
+  (pt, pb), (pl, pr) = pads
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  return xp, kernel.reshape(kh, 1, kw * cin, cout), ((0, 0), (0, 0))
 
 
 def _forward(x, kernel, strides, pads):
   if not _native_ok(x, kernel, pads, kernel.shape[-1]):
     return _conv(x, kernel, strides, pads)
   out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
-  top_left = (pads[0][0], pads[1][0])
-  return native.dispatch(lambda x, k: _native_conv(x, k, strides, top_left, out_hw),
-                         lambda x, k: _conv(x, k, strides, pads), x, kernel)
+
+  def fast(x, k):
+    x, k, p = _merged(x, k, pads)
+    return _native_conv(x, k, strides, (p[0][0], p[1][0]), out_hw)
+  return native.dispatch(fast, lambda x, k: _conv(x, k, strides, pads), x, kernel)
 
 
 def _kernel_grad(x, kernel, ct, strides, pads):
@@ -97,11 +110,11 @@ def _kernel_grad(x, kernel, ct, strides, pads):
     return fallback(x, ct)
 
   def fast(x, ct):
-    (sh, sw), ((pt, _), (pl, _)) = strides, pads
-    return jax.ffi.ffi_call('tljax_conv_kernel_grad',
-                            jax.ShapeDtypeStruct(kernel.shape, jnp.float32))(
-                                x, ct, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt),
-                                pl=np.int64(pl))
+    x, k, ((pt, _), (pl, _)) = _merged(x, kernel, pads)
+    (sh, sw) = strides
+    dk = jax.ffi.ffi_call('tljax_conv_kernel_grad', jax.ShapeDtypeStruct(k.shape, jnp.float32))(
+        x, ct, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
+    return dk.reshape(kernel.shape)
   return native.dispatch(fast, fallback, x, ct)
 
 
@@ -112,7 +125,8 @@ def _input_grad(x, kernel, ct, strides, pads):
 
   kh, kw = kernel.shape[:2]
   flipped_pads = ((kh - 1 - pads[0][0], 0), (kw - 1 - pads[1][0], 0))
-  if strides != (1, 1) or not _native_ok(x, kernel, flipped_pads, x.shape[-1]):
+  if (strides != (1, 1) or x.shape[-1] < 16
+      or not _native_ok(x, kernel, flipped_pads, x.shape[-1])):
     return xla(ct, kernel)
 
   def fast(ct, kernel):

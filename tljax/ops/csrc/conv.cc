@@ -69,8 +69,11 @@ inline void Micro(const float* const* rows, const float* b, int64_t ldb, int64_t
     for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
 }
 
+// `cin` is the kernel's depth per tap. With few input channels the kernel may
+// come as [KH, 1, KW * C, Cout] over an already padded input: a tap then reads
+// `merge` = KW neighbouring pixels as one contiguous row of KW * C floats.
 struct Geometry {
-  int64_t n, h, w, cin, kh, kw, sh, sw, pt, pl, ho, wo, cout;
+  int64_t n, h, w, cin, kh, kw, sh, sw, pt, pl, ho, wo, cout, stride, merge;
 };
 
 ffi::Error Check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions kd,
@@ -79,8 +82,12 @@ ffi::Error Check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions kd,
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument(
         "conv: want x [N,H,W,Cin], kernel [KH,KW,Cin,Cout], y [N,HO,WO,Cout]");
-  *g = Geometry{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], sh, sw, pt, pl, yd[1], yd[2], kd[3]};
-  if (kd[2] != g->cin || yd[0] != g->n || yd[3] != g->cout || g->cout % 16 || sh < 1 || sw < 1 ||
+  *g = Geometry{xd[0], xd[1], xd[2], kd[2], kd[0], kd[1], sh, sw, pt, pl, yd[1], yd[2], kd[3],
+                xd[3], kd[2] / std::max<int64_t>(1, xd[3])};
+  if (kd[2] != xd[3] && (kd[1] != 1 || xd[3] < 1 || kd[2] % xd[3] || pt || pl))
+    return ffi::Error::InvalidArgument(
+        "conv: a kernel deeper than the input must be [KH, 1, KW*C, Cout] over a padded input");
+  if (yd[0] != g->n || yd[3] != g->cout || g->cout % 16 || sh < 1 || sw < 1 ||
       pt < 0 || pl < 0)
     return ffi::Error::InvalidArgument(
         "conv: inconsistent shapes, strides or padding (output channels must be a multiple of 16)");
@@ -92,8 +99,8 @@ inline const float* InputRow(const Geometry& g, const float* x, const float* zer
                              int64_t i, int64_t j) {
   int64_t n = p / (g.ho * g.wo), rem = p % (g.ho * g.wo);
   int64_t ih = rem / g.wo * g.sh + i - g.pt, iw = rem % g.wo * g.sw + j - g.pl;
-  if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return zeros;
-  return x + ((n * g.h + ih) * g.w + iw) * g.cin;
+  if (ih < 0 || ih >= g.h || iw < 0 || iw + g.merge > g.w) return zeros;
+  return x + ((n * g.h + ih) * g.w + iw) * g.stride;
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
