@@ -154,7 +154,7 @@ def test_native_kernels_under_pmap_on_several_devices(tmp_path):
       def grads(impl):
         def loss(x, k):
           with conv.conv_impl(impl):
-            return jnp.sum(jnp.sin(conv.conv2d(x, k, strides=2, padding='SAME', groups=32)))
+            return jnp.sum(jnp.square(conv.conv2d(x, k, strides=2, padding='SAME', groups=32)))
         return jax.pmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(x, k)
       for a, b in zip(grads('xla'), grads('fast')):
         err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
@@ -232,3 +232,57 @@ def test_dense_conv_outside_native_limits_keeps_other_paths():
   got, hlo = _dense_run('fast', x, k, 2, ((3, 3), (3, 3)))
   assert 'tljax_conv' not in hlo
   _assert_close(ref, got)
+
+
+_DETERMINISM_SCRIPT = textwrap.dedent('''
+    import hashlib, os, sys
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')})
+    import jax, jax.numpy as jnp, numpy as np
+    from tljax.ops import conv
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256()
+    for groups, cin, cout in ((48, 48, 48), (1, 32, 64), (1, 3, 64)):
+      x = jnp.asarray(rng.standard_normal((8, 20, 20, cin)), jnp.float32)
+      k = jnp.asarray(rng.standard_normal((3, 3, cin // groups, cout)), jnp.float32)
+      loss = lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, strides=1, padding='SAME',
+                                                       groups=groups)))
+      for g in jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k):
+        digest.update(np.asarray(g).tobytes())
+    print(digest.hexdigest())
+''')
+
+
+@pytest.mark.skipif(not HAS_COMPILER or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs a C++ compiler and two CPUs')
+def test_native_gradients_do_not_depend_on_threads():
+  """Kernel gradients are sums over pixels: bit-identical with one thread or two, every run."""
+  cpus = sorted(os.sched_getaffinity(0))[:2]
+  digests = []
+  for allowed in ([cpus[0]], cpus, cpus):
+    proc = subprocess.run([sys.executable, '-c', _DETERMINISM_SCRIPT,
+                           ','.join(map(str, allowed))], capture_output=True, text=True,
+                          timeout=300, cwd=pathlib.Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests.append(proc.stdout.strip())
+  assert len(set(digests)) == 1, digests
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_native_kernels_under_vmap():
+  """vmap (per-example gradients, a pmap emulated with vmap) runs the kernels per element."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((3, 2, 9, 11, 32)), jnp.float32)
+  kd = jnp.asarray(rng.standard_normal((3, 3, 1, 32)), jnp.float32)
+  kc = jnp.asarray(rng.standard_normal((3, 3, 32, 16)), jnp.float32)
+
+  def grads(impl):
+    def loss(x, kd, kc):
+      with conv.conv_impl(impl):
+        y = conv.conv2d(x, kd, strides=2, padding='SAME', groups=32)
+        return jnp.sum(jnp.square(conv.conv2d(y, kc, strides=1, padding='SAME')))
+    return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None)))(
+        x, kd, kc)
+
+  for a, b in zip(grads('xla'), grads('fast')):
+    assert a.shape == b.shape
+    assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 1e-5

@@ -24,7 +24,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from tljax.ops import native
 
@@ -66,8 +65,7 @@ def _native_conv(x, kernel, strides, top_left, out_hw):
   """The C++ conv: out-of-range reads are zeros, so only top/left padding and the size matter."""
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, kernel.shape[-1]), jnp.float32)
   (sh, sw), (pt, pl) = strides, top_left
-  return jax.ffi.ffi_call('tljax_conv_forward', out)(
-      x, kernel, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
+  return native.call('tljax_conv_forward', out, x, kernel, sh=sh, sw=sw, pt=pt, pl=pl)
 
 
 def _native_ok(x, kernel, pads, out_channels):
@@ -112,8 +110,8 @@ def _kernel_grad(x, kernel, ct, strides, pads):
   def fast(x, ct):
     x, k, ((pt, _), (pl, _)) = _merged(x, kernel, pads)
     (sh, sw) = strides
-    dk = jax.ffi.ffi_call('tljax_conv_kernel_grad', jax.ShapeDtypeStruct(k.shape, jnp.float32))(
-        x, ct, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
+    dk = native.call('tljax_conv_kernel_grad', jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                     x, ct, sh=sh, sw=sw, pt=pt, pl=pl)
     return dk.reshape(kernel.shape)
   return native.dispatch(fast, fallback, x, ct)
 

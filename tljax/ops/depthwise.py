@@ -36,7 +36,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from tljax.ops import native
 
@@ -165,25 +164,24 @@ def _geometry(x, kernel, strides, pads) -> Geometry:
 
 def _native_attrs(g: Geometry):
   (pt, _), (pl, _) = g.pads
-  return dict(sh=np.int64(g.sh), sw=np.int64(g.sw), pt=np.int64(pt), pl=np.int64(pl))
+  return dict(sh=g.sh, sw=g.sw, pt=pt, pl=pl)
 
 
 def _native_forward(x, kernel, g: Geometry):
   n, _, _, c = x.shape
-  y = jax.ffi.ffi_call('tljax_depthwise_forward',
-                       jax.ShapeDtypeStruct((n, g.ho, g.wo, c), jnp.float32))(
-                           x.astype(jnp.float32), kernel[:, :, 0, :].astype(jnp.float32),
-                           **_native_attrs(g))
+  y = native.call('tljax_depthwise_forward', jax.ShapeDtypeStruct((n, g.ho, g.wo, c), jnp.float32),
+                  x.astype(jnp.float32), kernel[:, :, 0, :].astype(jnp.float32),
+                  **_native_attrs(g))
   return y.astype(x.dtype)
 
 
 def _native_backward(x, kernel, ct, g: Geometry):
   f32 = jnp.float32
-  dx, dk = jax.ffi.ffi_call('tljax_depthwise_backward',
-                            (jax.ShapeDtypeStruct(x.shape, f32),
-                             jax.ShapeDtypeStruct(kernel.shape[:2] + kernel.shape[3:], f32)))(
-                                 x.astype(f32), kernel[:, :, 0, :].astype(f32), ct.astype(f32),
-                                 **_native_attrs(g))
+  dx, dk = native.call('tljax_depthwise_backward',
+                       (jax.ShapeDtypeStruct(x.shape, f32),
+                        jax.ShapeDtypeStruct(kernel.shape[:2] + kernel.shape[3:], f32)),
+                       x.astype(f32), kernel[:, :, 0, :].astype(f32), ct.astype(f32),
+                       **_native_attrs(g))
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -27,6 +27,7 @@ import warnings
 import jax
 from jax import lax
 import jaxlib
+import numpy as np
 
 SOURCES = ('depthwise.cc', 'conv.cc')
 HEADERS = ('parallel.h',)
@@ -128,3 +129,13 @@ def dispatch(native_fn, fallback_fn, *args):
   if not available():
     return fallback_fn(*args)
   return lax.platform_dependent(*args, cpu=native_fn, default=fallback_fn)
+
+
+def call(target: str, results, *args, **attrs):
+  """Calls one of the C++ kernels; integer attributes go to it as int64.
+
+  Under `jax.vmap` (a pmap emulated with vmap, per-example gradients) the
+  kernel runs once per mapped element.
+  """
+  return jax.ffi.ffi_call(target, results, vmap_method='sequential')(
+      *args, **{k: np.int64(v) for k, v in attrs.items()})

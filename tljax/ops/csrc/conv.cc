@@ -11,8 +11,9 @@
 // The input gradient of a stride-1 convolution is the same computation
 // (cotangent in, flipped and transposed kernel), set up on the JAX side.
 // The kernel gradient is the transposed product: per tap, input rows^T times
-// cotangent rows, over chunks of output pixels; each worker accumulates its
-// own copy of the gradient and the copies are summed at the end.
+// cotangent rows, over chunks of output pixels; fixed ranges of chunks
+// accumulate into their own copies, summed in order at the end, so the result
+// does not depend on thread scheduling.
 
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +25,8 @@
 
 namespace ffi = xla::ffi;
 using tljax::ParallelFor;
+using tljax::ParallelSlots;
+using tljax::ReductionSlots;
 
 namespace {
 
@@ -187,12 +190,15 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
   const int64_t pixels = g.n * g.ho * g.wo, size = g.kh * g.kw * g.cin * g.cout;
   const int64_t items = (pixels + kGradPixels - 1) / kGradPixels;
-  const int64_t threads = std::max<int64_t>(1, std::min(pool.num_threads(), items));
-  std::vector<float> partial(static_cast<size_t>(threads * size), 0.0f);
-  auto body = [&](int64_t item, int worker) {
+  const int64_t slots = ReductionSlots(items, size * sizeof(float));
+  // Slot 0 accumulates straight into the output, the others into their own copies.
+  float* dkp = dk->typed_data();
+  std::memset(dkp, 0, sizeof(float) * size);
+  std::vector<float> partial(static_cast<size_t>((slots - 1) * size), 0.0f);
+  auto body = [&](int64_t slot, int64_t item) {
     const int64_t p0 = item * kGradPixels, count = std::min(kGradPixels, pixels - p0);
     const float* rows[kGradPixels];
-    float* dkw = partial.data() + worker * size;
+    float* dkw = slot == 0 ? dkp : partial.data() + (slot - 1) * size;
     const float* ctp = cp + p0 * g.cout;
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) {
@@ -210,11 +216,9 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         }
       }
   };
-  const int workers = ParallelFor(pool, items, threads, body);
-  float* out = dk->typed_data();
-  std::memcpy(out, partial.data(), sizeof(float) * size);
-  for (int w = 1; w < workers; ++w)
-    for (int64_t t = 0; t < size; ++t) out[t] += partial[w * size + t];
+  ParallelSlots(pool, items, slots, body);
+  for (int64_t w = 1; w < slots; ++w)
+    for (int64_t t = 0; t < size; ++t) dkp[t] += partial[(w - 1) * size + t];
   return ffi::Error::Success();
 }
 

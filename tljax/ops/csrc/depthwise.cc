@@ -8,7 +8,8 @@
 // The backward pass is one sweep per image that reads the input and the
 // output cotangent once and produces both gradients: the input gradient is
 // scattered tap by tap into rows that are still in cache, the kernel gradient
-// is accumulated per worker and summed at the end. XLA's intra-op thread pool
+// is accumulated per fixed range of images and summed in order at the end
+// (bit-identical from run to run). XLA's intra-op thread pool
 // runs the rows (forward) or images (backward).
 
 #include <algorithm>
@@ -21,6 +22,8 @@
 
 namespace ffi = xla::ffi;
 using tljax::ParallelFor;
+using tljax::ParallelSlots;
+using tljax::ReductionSlots;
 
 namespace {
 
@@ -199,20 +202,20 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* gp = gy.typed_data();
   float* dxp = dx->typed_data();
   int64_t taps = g.kh * g.kw * g.c;
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  std::vector<float> partial(static_cast<size_t>(std::min(threads, g.n) * taps), 0.0f);
-  auto body = [&](int64_t n, int worker) {
-    float* dkw = partial.data() + worker * taps;
+  const int64_t slots = ReductionSlots(g.n, taps * sizeof(float));
+  std::vector<float> partial(static_cast<size_t>(slots * taps), 0.0f);
+  auto body = [&](int64_t slot, int64_t n) {
+    float* dkw = partial.data() + slot * taps;
     std::memset(dxp + n * g.h * g.w * g.c, 0, sizeof(float) * g.h * g.w * g.c);
     for (int64_t oh = 0; oh < g.ho; ++oh)
       ForEachBlock(g.c, [&](auto b, int64_t c0) {
         BackwardRow<decltype(b)>(g, xp, kp, gp, dxp, dkw, n, oh, c0);
       });
   };
-  int workers = ParallelFor(pool, g.n, threads, body);
+  ParallelSlots(pool, g.n, slots, body);
   float* dkp = dk->typed_data();
-  std::memset(dkp, 0, sizeof(float) * taps);
-  for (int w = 0; w < workers; ++w)
+  std::memcpy(dkp, partial.data(), sizeof(float) * taps);
+  for (int64_t w = 1; w < slots; ++w)
     for (int64_t t = 0; t < taps; ++t) dkp[t] += partial[w * taps + t];
   return ffi::Error::Success();
 }

@@ -41,6 +41,27 @@ inline int ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t max_wo
   return static_cast<int>(workers);
 }
 
+// Reductions that must not depend on scheduling: [0, items) is cut into `slots`
+// contiguous ranges, run in parallel, each in order by one thread; body(slot, item)
+// accumulates into the slot's own buffer, which the caller sums in slot order.
+// Results are then bit-identical from run to run (a resumed training run
+// matches an uninterrupted one).
+template <class Body>
+inline void ParallelSlots(xla::ffi::ThreadPool& pool, int64_t items, int64_t slots, Body& body) {
+  auto range = [&](int64_t slot, int) {
+    for (int64_t i = slot * items / slots, end = (slot + 1) * items / slots; i < end; ++i)
+      body(slot, i);
+  };
+  ParallelFor(pool, slots, slots, range);
+}
+
+// How many slots a reduction into `bytes`-sized buffers gets: from the shapes
+// alone (never the thread count), at most 16 and about 64 MB of buffers.
+inline int64_t ReductionSlots(int64_t items, int64_t bytes) {
+  int64_t by_memory = (int64_t{64} << 20) / std::max<int64_t>(1, bytes);
+  return std::max<int64_t>(1, std::min({items, int64_t{16}, std::max<int64_t>(2, by_memory)}));
+}
+
 }  // namespace tljax
 
 #endif  // TLJAX_OPS_CSRC_PARALLEL_H_
