@@ -142,6 +142,16 @@ def test_build_is_cached_by_source(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_unusable_cache_dir_falls_back_to_temp(tmp_path, monkeypatch):
+  blocker = tmp_path / 'a-file'
+  blocker.write_text('not a folder')
+  monkeypatch.setenv('TLJAX_CACHE_DIR', str(blocker / 'cache'))
+  monkeypatch.setattr(native.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
+  built = native._build(native._compiler())
+  assert built.parent == tmp_path / 'tmp' / f'tljax-native-{os.getuid()}' and built.exists()
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
 def test_native_kernels_under_pmap_on_several_devices(tmp_path):
   """Several CPU devices call the kernels at once and share XLA's thread pool."""
   script = textwrap.dedent('''

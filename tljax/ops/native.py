@@ -73,10 +73,20 @@ def _build(cxx: str) -> pathlib.Path:
     digest.update(part.encode())
   for name in SOURCES + HEADERS:
     digest.update((_CSRC / name).read_bytes())
-  out = cache_dir() / f'tljax_cpu_{digest.hexdigest()[:16]}.so'
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
+  name = f'tljax_cpu_{digest.hexdigest()[:16]}.so'
+  for folder in (cache_dir(), pathlib.Path(tempfile.gettempdir()) / f'tljax-native-{os.getuid()}'):
+    if (folder / name).exists():
+      return folder / name
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      if os.access(folder, os.W_OK):
+        break
+    except OSError:
+      continue
+  else:
+    raise RuntimeError(f'no writable folder for the compiled kernels (tried {cache_dir()}); '
+                       'set TLJAX_CACHE_DIR to one')
+  out = folder / name
   # Build under a temporary name and rename: concurrent processes never load a partial file.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
