@@ -116,7 +116,10 @@ def meta_lines(meta: dict) -> list[str]:
            f'- Versions: {versions}',
            f'- Batch {meta.get("batch")}, {meta.get("iters")} timed iterations after '
            f'{meta.get("warmup")} warm-up (median); malloc tuning: '
-           f'{"on" if meta.get("malloc_tuned") else "off"}; git {meta.get("git", "?")}',
+           f'{"on" if meta.get("malloc_tuned") else "off"}; '
+           + (f'C++ CPU kernels: {meta["native_kernels"]}; ' if meta.get('native_kernels') and
+              not meta.get('gpu') else '')
+           + f'git {meta.get("git", "?")}',
            f'- Command: `{meta.get("command", "")}`']
   if meta.get('skipped'):
     lines.append(f'- Not run (time budget spent): {", ".join(meta["skipped"])}')

@@ -204,6 +204,7 @@ def metadata(args, argv) -> dict:
           'python': platform.python_version(), 'versions': versions, 'batch': args.batch,
           'iters': args.iters, 'warmup': args.warmup, 'malloc_tuned': args.malloc == 'tuned',
           'gpu': args.gpu, 'peak_tflops': args.peak_tflops, 'git': git, 'smoke': args.smoke,
+          'native_kernels': _native_kernels(),
           'command': 'python -m experiments.benchmark ' + ' '.join(shlex.quote(a) for a in argv)}
   if args.gpu and _available('torch'):
     try:
@@ -212,6 +213,15 @@ def metadata(args, argv) -> dict:
     except Exception:  # noqa: BLE001 — a name is a nicety.
       pass
   return meta
+
+
+def _native_kernels() -> str:
+  """Whether tljax's CPU workers run the C++ kernels (`tljax.ops.native`): built here or not."""
+  from tljax.ops import native
+  try:
+    return 'on' if native.available() else 'off (no compiler, a failed build or TLJAX_NATIVE=0)'
+  except ValueError as exc:
+    return f'off ({exc})'
 
 
 def jobs(args) -> list[dict]:
