@@ -42,29 +42,34 @@ inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
 constexpr int kRows = 12;         // output pixels per register tile
 constexpr int64_t kTiles = 6;     // tiles per work item
 constexpr int64_t kDepth = 256;   // input channels per pass (keeps the kernel slice in L2)
+constexpr int64_t kGroupFloats = 160 * 1024;  // kernel floats per multi-tap pass (640 KB)
 
-// out[r, 16v..16v+15] (+)= sum_c rows[r][c] * b[c * ldb + 16v ..]; rows >= valid are not stored.
+// out[r, 16v..] (+)= sum_t sum_c rows[t][r][c] * b[(t * depth + c) * ldb + 16v ..] over `taps`
+// consecutive taps whose kernel rows follow each other; rows >= valid are not stored.
 template <int NV>
-inline void Micro(const float* const* rows, const float* b, int64_t ldb, int64_t depth,
-                  float* out, int64_t ldo, int valid, bool accumulate) {
+inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, const float* b,
+                  int64_t ldb, int64_t depth, float* out, int64_t ldo, int valid,
+                  bool accumulate) {
   V16 acc[kRows][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v)
       acc[r][v] = (accumulate && r < valid) ? Load(out + r * ldo + 16 * v) : V16{};
-  const float* rp[kRows];
+  for (int64_t t = 0; t < taps; ++t, b += depth * ldb) {
+    const float* rp[kRows];
 #pragma GCC unroll 12
-  for (int r = 0; r < kRows; ++r) rp[r] = rows[r];
-  for (int64_t c = 0; c < depth; ++c) {
-    V16 bv[NV];
+    for (int r = 0; r < kRows; ++r) rp[r] = rows[t * tap_stride + r];
+    for (int64_t c = 0; c < depth; ++c) {
+      V16 bv[NV];
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + c * ldb + 16 * v);
+      for (int v = 0; v < NV; ++v) bv[v] = Load(b + c * ldb + 16 * v);
 #pragma GCC unroll 12
-    for (int r = 0; r < kRows; ++r) {
-      float a = rp[r][c];
+      for (int r = 0; r < kRows; ++r) {
+        float a = rp[r][c];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * a;
+        for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * a;
+      }
     }
   }
   for (int r = 0; r < valid; ++r)
@@ -72,9 +77,6 @@ inline void Micro(const float* const* rows, const float* b, int64_t ldb, int64_t
     for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
 }
 
-// `cin` is the kernel's depth per tap. With few input channels the kernel may
-// come as [KH, 1, KW * C, Cout] over an already padded input: a tap then reads
-// `merge` = KW neighbouring pixels as one contiguous row of KW * C floats.
 struct Geometry {
   int64_t n, h, w, cin, kh, kw, sh, sw, pt, pl, ho, wo, cout, stride, merge;
 };
@@ -116,31 +118,43 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
   const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
-  const int64_t pixels = g.n * g.ho * g.wo, chunk = kRows * kTiles;
+  const int64_t pixels = g.n * g.ho * g.wo, chunk = kRows * kTiles, taps = g.kh * g.kw;
+  // Taps whose whole kernel slice fits the L2 budget run in one register-resident pass;
+  // deeper inputs go one tap and kDepth channels at a time.
+  const int64_t group = g.cin > kDepth ? 1
+      : std::clamp<int64_t>(kGroupFloats / (g.cin * g.cout), 1, taps);
   auto body = [&](int64_t item, int) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
-    const float* rows[kRows * kTiles];
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j) {
-        for (int64_t p = p0; p < p0 + chunk; ++p)
-          rows[p - p0] = p < p1 ? InputRow(g, xp, zeros.data(), p, i, j) : zeros.data();
-        const float* kt = kp + (i * g.kw + j) * g.cin * g.cout;
-        for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
-          const int64_t depth = std::min(kDepth, g.cin - c0);
-          const bool accumulate = i > 0 || j > 0 || c0 > 0;
-          for (int64_t t = 0; t * kRows < p1 - p0; ++t) {
-            const float* tile[kRows];
-            for (int r = 0; r < kRows; ++r) tile[r] = rows[t * kRows + r] + c0;
-            const int valid = static_cast<int>(std::min<int64_t>(kRows, p1 - p0 - t * kRows));
-            float* out = yp + (p0 + t * kRows) * g.cout;
-            int64_t co = 0;
-            for (; co + 32 <= g.cout; co += 32)
-              Micro<2>(tile, kt + c0 * g.cout + co, g.cout, depth, out + co, g.cout, valid, accumulate);
-            if (co < g.cout)
-              Micro<1>(tile, kt + c0 * g.cout + co, g.cout, depth, out + co, g.cout, valid, accumulate);
+    std::vector<const float*> rows(static_cast<size_t>(taps * chunk));
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t p = p0; p < p0 + chunk; ++p)
+        rows[t * chunk + p - p0] =
+            p < p1 ? InputRow(g, xp, zeros.data(), p, t / g.kw, t % g.kw) : zeros.data();
+    for (int64_t t0 = 0; t0 < taps; t0 += group) {
+      const int64_t nt = std::min(group, taps - t0);
+      for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
+        const int64_t depth = std::min(kDepth, g.cin - c0);
+        const bool accumulate = t0 > 0 || c0 > 0;
+        const float* kt = kp + (t0 * g.cin + c0) * g.cout;
+        for (int64_t tile = 0; tile * kRows < p1 - p0; ++tile) {
+          const float* tr[kRows];
+          const float* const* src = rows.data() + t0 * chunk + tile * kRows;
+          int64_t stride = chunk;
+          if (c0 > 0) {  // one tap (group == 1): shift its pointers to the channel chunk
+            for (int r = 0; r < kRows; ++r) tr[r] = src[r] + c0;
+            src = tr;
+            stride = kRows;
           }
+          const int valid = static_cast<int>(std::min<int64_t>(kRows, p1 - p0 - tile * kRows));
+          float* out = yp + (p0 + tile * kRows) * g.cout;
+          int64_t co = 0;
+          for (; co + 32 <= g.cout; co += 32)
+            Micro<2>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate);
+          if (co < g.cout)
+            Micro<1>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate);
         }
       }
+    }
   };
   const int64_t items = (pixels + chunk - 1) / chunk;
   ParallelFor(pool, items, items, body);
