@@ -27,15 +27,17 @@ def pure_jax(monkeypatch):
   monkeypatch.setenv('TLJAX_NATIVE', '0')
 
 
-def _depthwise_loss(x, k, stride, padding):
+def _run(impl, x, k, stride, padding, groups=None):
+  """(y, dx, dk) of sum(conv(x, k) * cotangent) under `impl`, and the compiled HLO text.
+
+  `groups` defaults to depthwise (one group per input channel).
+  """
+  groups = x.shape[-1] if groups is None else groups
+
   def loss(x, k, ct):
-    y = conv.conv2d(x, k, strides=stride, padding=padding, groups=x.shape[-1])
+    y = conv.conv2d(x, k, strides=stride, padding=padding, groups=groups)
     return jnp.sum(y.astype(jnp.float32) * ct), y
-  return loss
 
-
-def _run(impl, x, k, stride, padding):
-  loss = _depthwise_loss(x, k, stride, padding)
   with conv.conv_impl(impl):
     shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
     ct = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
@@ -192,16 +194,7 @@ DENSE = [
 
 
 def _dense_run(impl, x, k, stride, padding):
-  def loss(x, k, ct):
-    y = conv.conv2d(x, k, strides=stride, padding=padding)
-    return jnp.sum(y * ct), y
-  with conv.conv_impl(impl):
-    shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
-    ct = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, y), (dx, dk) = fn(x, k, ct)
-    hlo = fn.lower(x, k, ct).compile().as_text()
-  return (y, dx, dk), hlo
+  return _run(impl, x, k, stride, padding, groups=1)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
