@@ -30,7 +30,7 @@ import jaxlib
 import numpy as np
 
 SOURCES = ('depthwise.cc', 'conv.cc')
-HEADERS = ('parallel.h',)
+HEADERS = ('common.h', 'parallel.h')
 TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward', 'tljax_conv_forward',
            'tljax_conv_kernel_grad')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')

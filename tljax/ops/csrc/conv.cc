@@ -20,24 +20,21 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using tljax::Load;
 using tljax::ParallelFor;
 using tljax::ParallelSlots;
 using tljax::ReductionSlots;
+using tljax::SlotSums;
+using tljax::Store;
+using tljax::V16;
+using tljax::WithStridesAndPadding;
 
 namespace {
-
-typedef float V16 __attribute__((vector_size(64)));
-
-inline V16 Load(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
 
 constexpr int kRows = 12;         // output pixels per register tile
 constexpr int64_t kTiles = 6;     // tiles per work item
@@ -123,9 +120,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   // deeper inputs go one tap and kDepth channels at a time.
   const int64_t group = g.cin > kDepth ? 1
       : std::clamp<int64_t>(kGroupFloats / (g.cin * g.cout), 1, taps);
-  auto body = [&](int64_t item, int) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  std::vector<const float*> scratch(static_cast<size_t>(threads * taps * chunk));
+  auto body = [&](int64_t item, int worker) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
-    std::vector<const float*> rows(static_cast<size_t>(taps * chunk));
+    const float** rows = scratch.data() + worker * taps * chunk;
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t p = p0; p < p0 + chunk; ++p)
         rows[t * chunk + p - p0] =
@@ -138,7 +137,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
         const float* kt = kp + (t0 * g.cin + c0) * g.cout;
         for (int64_t tile = 0; tile * kRows < p1 - p0; ++tile) {
           const float* tr[kRows];
-          const float* const* src = rows.data() + t0 * chunk + tile * kRows;
+          const float* const* src = rows + t0 * chunk + tile * kRows;
           int64_t stride = chunk;
           if (c0 > 0) {  // one tap (group == 1): shift its pointers to the channel chunk
             for (int r = 0; r < kRows; ++r) tr[r] = src[r] + c0;
@@ -205,14 +204,11 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t pixels = g.n * g.ho * g.wo, size = g.kh * g.kw * g.cin * g.cout;
   const int64_t items = (pixels + kGradPixels - 1) / kGradPixels;
   const int64_t slots = ReductionSlots(items, size * sizeof(float));
-  // Slot 0 accumulates straight into the output, the others into their own copies.
-  float* dkp = dk->typed_data();
-  std::memset(dkp, 0, sizeof(float) * size);
-  std::vector<float> partial(static_cast<size_t>((slots - 1) * size), 0.0f);
+  SlotSums sums(dk->typed_data(), size, slots);
   auto body = [&](int64_t slot, int64_t item) {
     const int64_t p0 = item * kGradPixels, count = std::min(kGradPixels, pixels - p0);
     const float* rows[kGradPixels];
-    float* dkw = slot == 0 ? dkp : partial.data() + (slot - 1) * size;
+    float* dkw = sums[slot];
     const float* ctp = cp + p0 * g.cout;
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) {
@@ -231,31 +227,22 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       }
   };
   ParallelSlots(pool, items, slots, body);
-  for (int64_t w = 1; w < slots; ++w)
-    for (int64_t t = 0; t < size; ++t) dkp[t] += partial[(w - 1) * size + t];
+  sums.Finish();
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward, Forward,
-                              ffi::Ffi::Bind()
+                              WithStridesAndPadding(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_kernel_grad, KernelGrad,
-                              ffi::Ffi::Bind()
+                              WithStridesAndPadding(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));

@@ -17,24 +17,26 @@
 #include <cstring>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 #include "parallel.h"
+#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using tljax::ParallelFor;
 using tljax::ParallelSlots;
 using tljax::ReductionSlots;
+using tljax::SlotSums;
+using tljax::V16;
+using tljax::WithStridesAndPadding;
 
 namespace {
-
-typedef float V16 __attribute__((vector_size(64)));
 
 // One 16-channel block, or one channel for the tail of C.
 struct Block {
   using T = V16;
   static constexpr int64_t kWidth = 16;
-  static T Load(const float* p) { T v; std::memcpy(&v, p, sizeof v); return v; }
-  static void Store(float* p, T v) { std::memcpy(p, &v, sizeof v); }
+  static T Load(const float* p) { return tljax::Load(p); }
+  static void Store(float* p, T v) { tljax::Store(p, v); }
   static T Zero() { return T{}; }
 };
 
@@ -203,9 +205,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* dxp = dx->typed_data();
   int64_t taps = g.kh * g.kw * g.c;
   const int64_t slots = ReductionSlots(g.n, taps * sizeof(float));
-  std::vector<float> partial(static_cast<size_t>(slots * taps), 0.0f);
+  SlotSums sums(dk->typed_data(), taps, slots);
   auto body = [&](int64_t slot, int64_t n) {
-    float* dkw = partial.data() + slot * taps;
+    float* dkw = sums[slot];
     std::memset(dxp + n * g.h * g.w * g.c, 0, sizeof(float) * g.h * g.w * g.c);
     for (int64_t oh = 0; oh < g.ho; ++oh)
       ForEachBlock(g.c, [&](auto b, int64_t c0) {
@@ -213,35 +215,24 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       });
   };
   ParallelSlots(pool, g.n, slots, body);
-  float* dkp = dk->typed_data();
-  std::memcpy(dkp, partial.data(), sizeof(float) * taps);
-  for (int64_t w = 1; w < slots; ++w)
-    for (int64_t t = 0; t < taps; ++t) dkp[t] += partial[w * taps + t];
+  sums.Finish();
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_forward, Forward,
-                              ffi::Ffi::Bind()
+                              WithStridesAndPadding(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_backward, Backward,
-                              ffi::Ffi::Bind()
+                              WithStridesAndPadding(ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));

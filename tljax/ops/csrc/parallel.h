@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -16,7 +17,8 @@ namespace tljax {
 // threads of XLA's pool, the calling thread included. The caller waits only
 // for items that some thread has claimed, never for a helper to start, so a
 // busy or absent pool cannot deadlock it; helpers that start late find no
-// work and leave without touching `body`.
+// work and leave without touching `body`. Worker ids are below
+// max(1, pool.num_threads()), so per-worker scratch can be sized by it.
 template <class Body>
 inline int ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t max_workers, Body& body) {
   struct Shared {
@@ -61,6 +63,29 @@ inline int64_t ReductionSlots(int64_t items, int64_t bytes) {
   int64_t by_memory = (int64_t{64} << 20) / std::max<int64_t>(1, bytes);
   return std::max<int64_t>(1, std::min({items, int64_t{16}, std::max<int64_t>(2, by_memory)}));
 }
+
+// The buffers of such a reduction: slot 0 accumulates straight into the
+// (zeroed) output, the others into their own zeroed copies; Finish() adds them
+// to the output in slot order.
+class SlotSums {
+ public:
+  SlotSums(float* out, int64_t size, int64_t slots)
+      : out_(out), size_(size), rest_(static_cast<size_t>((slots - 1) * size), 0.0f) {
+    std::fill(out, out + size, 0.0f);
+  }
+  float* operator[](int64_t slot) {
+    return slot == 0 ? out_ : rest_.data() + (slot - 1) * size_;
+  }
+  void Finish() {
+    for (size_t base = 0; base < rest_.size(); base += size_)
+      for (int64_t t = 0; t < size_; ++t) out_[t] += rest_[base + t];
+  }
+
+ private:
+  float* out_;
+  int64_t size_;
+  std::vector<float> rest_;
+};
 
 }  // namespace tljax
 
