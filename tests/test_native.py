@@ -6,18 +6,18 @@ never the code under test.
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import pytest
 
 from tljax.ops import conv, native
+
+from tests.conv_checks import assert_close, run_conv
 
 HAS_COMPILER = native._compiler() is not None
 
@@ -28,23 +28,9 @@ def pure_jax(monkeypatch):
 
 
 def _run(impl, x, k, stride, padding, groups=None):
-  """(y, dx, dk) of sum(conv(x, k) * cotangent) under `impl`, and the compiled HLO text.
-
-  `groups` defaults to depthwise (one group per input channel).
-  """
+  """((y, dx, dk), compiled HLO text); `groups` defaults to depthwise."""
   groups = x.shape[-1] if groups is None else groups
-
-  def loss(x, k, ct):
-    y = conv.conv2d(x, k, strides=stride, padding=padding, groups=groups)
-    return jnp.sum(y.astype(jnp.float32) * ct), y
-
-  with conv.conv_impl(impl):
-    shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
-    ct = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, y), (dx, dk) = fn(x, k, ct)
-    hlo = fn.lower(x, k, ct).compile().as_text()
-  return (y, dx, dk), hlo
+  return run_conv(impl, x, k, stride, padding, groups, seed=3, hlo=True)
 
 
 # Wide enough for the 8-pixel tiles and the edge columns; channel counts with and without a
@@ -59,14 +45,6 @@ CASES = [
     (2, 11, 26, 16, 3, 1, 'VALID'),
     (2, 3, 4, 20, 5, 1, ((2, 2), (2, 2))),       # window wider than the image
 ]
-
-
-def _assert_close(ref, got, rtol=1e-5):
-  for name, a, b in zip(('output', 'input grad', 'kernel grad'), ref, got):
-    assert a.shape == b.shape and a.dtype == b.dtype, name
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    err = np.max(np.abs(a - b)) / np.max(np.abs(a))
-    assert err <= rtol, f'{name}: relative error {err:.2e}'
 
 
 def _inputs(n, h, w, c, kernel, dtype=jnp.float32):
@@ -87,7 +65,7 @@ def test_native_depthwise_matches_xla(n, h, w, c, kernel, stride, padding):
   ref, _ = _run('xla', x, k, stride, padding)
   got, hlo = _run('fast', x, k, stride, padding)
   assert 'tljax_depthwise_forward' in hlo and 'tljax_depthwise_backward' in hlo
-  _assert_close(ref, got)
+  assert_close(ref, got)
 
 
 @pytest.mark.parametrize('n, h, w, c, kernel, stride, padding', CASES[:3])
@@ -96,7 +74,7 @@ def test_pure_jax_depthwise_without_native(pure_jax, n, h, w, c, kernel, stride,
   ref, _ = _run('xla', x, k, stride, padding)
   got, hlo = _run('fast', x, k, stride, padding)
   assert 'tljax_depthwise' not in hlo
-  _assert_close(ref, got)
+  assert_close(ref, got)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
@@ -105,7 +83,7 @@ def test_native_bf16_matches_xla():
   ref, _ = _run('xla', x, k, 2, 'SAME')
   got, hlo = _run('fast', x, k, 2, 'SAME')
   assert 'tljax_depthwise_forward' in hlo
-  _assert_close(ref, got, rtol=1e-2)
+  assert_close(ref, got, rtol=1e-2)
 
 
 def test_bad_switch_is_explained(monkeypatch):
@@ -128,7 +106,7 @@ def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     ref, _ = _run('xla', x, k, 1, 'SAME')
     got, hlo = _run('fast', x, k, 1, 'SAME')
     assert 'tljax_depthwise' not in hlo
-    _assert_close(ref, got)
+    assert_close(ref, got)
     assert not list((tmp_path / 'cache').rglob('*.so')), 'a failed build left a library behind'
   finally:
     native._load.cache_clear()
@@ -206,7 +184,7 @@ def test_native_dense_conv_matches_xla(n, h, w, cin, cout, kh, kw, stride, paddi
   ref, _ = _dense_run('xla', x, k, stride, padding)
   got, hlo = _dense_run('fast', x, k, stride, padding)
   assert 'tljax_conv_forward' in hlo and 'tljax_conv_kernel_grad' in hlo
-  _assert_close(ref, got)
+  assert_close(ref, got)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
@@ -222,7 +200,7 @@ def test_native_few_channel_conv_matches_xla(cin, kernel, stride, padding):
   ref, _ = _dense_run('xla', x, k, stride, padding)
   got, hlo = _dense_run('fast', x, k, stride, padding)
   assert 'tljax_conv_forward' in hlo and 'tljax_conv_kernel_grad' in hlo
-  _assert_close(ref, got)
+  assert_close(ref, got)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
@@ -234,7 +212,7 @@ def test_dense_conv_outside_native_limits_keeps_other_paths():
   ref, _ = _dense_run('xla', x, k, 2, ((3, 3), (3, 3)))
   got, hlo = _dense_run('fast', x, k, 2, ((3, 3), (3, 3)))
   assert 'tljax_conv' not in hlo
-  _assert_close(ref, got)
+  assert_close(ref, got)
 
 
 _DETERMINISM_SCRIPT = textwrap.dedent('''

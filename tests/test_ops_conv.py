@@ -13,18 +13,11 @@ import pytest
 from tljax.ops import conv
 from tljax.ops.host_memory import tune_host_allocator
 
+from tests.conv_checks import assert_close, run_conv
+
 
 def _run(impl, x, k, strides, padding, groups):
-  """(y, dy/dx, dy/dk) of sum(conv(x, k) * cotangent) under `impl`."""
-  def loss(x, k, ct):
-    y = conv.conv2d(x, k, strides=strides, padding=padding, groups=groups)
-    return jnp.sum(y.astype(jnp.float32) * ct), y
-
-  with conv.conv_impl(impl):
-    shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
-    ct = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
-    (_, y), (dx, dk) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, k, ct)
-  return y, dx, dk
+  return run_conv(impl, x, k, strides, padding, groups, seed=7)
 
 
 def _inputs(n, h, w, cin, kh, kw, cout, groups, dtype=jnp.float32):
@@ -35,13 +28,8 @@ def _inputs(n, h, w, cin, kh, kw, cout, groups, dtype=jnp.float32):
 
 
 def _assert_same(x, k, strides, padding, groups, rtol=1e-5):
-  ref = _run('xla', x, k, strides, padding, groups)
-  got = _run('fast', x, k, strides, padding, groups)
-  for name, a, b in zip(('output', 'input grad', 'kernel grad'), ref, got):
-    assert a.shape == b.shape and a.dtype == b.dtype, name
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    err = np.max(np.abs(a - b)) / np.max(np.abs(a))
-    assert err <= rtol, f'{name}: relative error {err:.2e}'
+  assert_close(_run('xla', x, k, strides, padding, groups),
+               _run('fast', x, k, strides, padding, groups), rtol)
 
 
 DEPTHWISE = [

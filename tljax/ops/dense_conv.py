@@ -12,9 +12,10 @@ matmul. Forward and input gradient stay XLA's.
 
 On CPU with the C++ kernels built (`tljax.ops.native`), the float32 forward,
 the stride-1 input gradient and the kernel gradient run as indirect GEMMs
-instead (`csrc/conv.cc`; no patches matrix, 1.3-3x faster than it): XLA:CPU runs some of these convolutions on one thread
-(3x3, 64 channels at 56x56: ~190 GFLOP/s forward) and its input gradients
-at 70-100 GFLOP/s inside a ResNet34 step; the GEMM reaches 320-430 on 2 cores.
+instead (`csrc/conv.cc`; no patches matrix, 1.3-3x faster than it). XLA:CPU
+runs some of these convolutions on one thread (3x3, 64 channels at 56x56:
+~190 GFLOP/s forward) and its input gradients at 70-100 GFLOP/s inside a
+ResNet34 step; the GEMM reaches 320-430 on 2 cores.
 """
 
 from __future__ import annotations
@@ -35,13 +36,18 @@ def _conv(x, kernel, strides, pads):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _pad_hw(x, pads):
+  (pt, pb), (pl, pr) = pads
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+
+
 def patches(x, kernel_hw, strides, pads):
   """[n*ho*wo, kh*kw*cin]: the kh*kw shifted (strided) views of the padded input, side by side.
 
   Also `tljax.ops.conv.im2col_conv2d`'s operand. Returns (patches, (n, ho, wo)).
   """
-  (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_hw, strides, pads
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  xp = _pad_hw(x, pads)
   n, hp, wp, cin = xp.shape
   ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
   views = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
@@ -84,9 +90,7 @@ def _merged(x, kernel, pads):
   if x.shape[-1] >= 16:
     return x, kernel, pads
   kh, kw, cin, cout = kernel.shape
-  (pt, pb), (pl, pr) = pads
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-  return xp, kernel.reshape(kh, 1, kw * cin, cout), ((0, 0), (0, 0))
+  return _pad_hw(x, pads), kernel.reshape(kh, 1, kw * cin, cout), ((0, 0), (0, 0))
 
 
 def _forward(x, kernel, strides, pads):
@@ -123,8 +127,7 @@ def _input_grad(x, kernel, ct, strides, pads):
 
   kh, kw = kernel.shape[:2]
   flipped_pads = ((kh - 1 - pads[0][0], 0), (kw - 1 - pads[1][0], 0))
-  if (strides != (1, 1) or x.shape[-1] < 16
-      or not _native_ok(x, kernel, flipped_pads, x.shape[-1])):
+  if strides != (1, 1) or not _native_ok(x, kernel, flipped_pads, x.shape[-1]):
     return xla(ct, kernel)
 
   def fast(ct, kernel):
