@@ -166,6 +166,7 @@ DENSE = [
     (1, 9, 17, 20, 64, 1, 7, 1, ((0, 0), (3, 3))),   # Inception's 1x7 and 7x1
     (2, 17, 9, 40, 80, 7, 1, 1, ((3, 3), (0, 0))),
     (2, 11, 12, 300, 32, 3, 3, 1, ((1, 1), (1, 1))),  # deeper than one 256-channel pass
+    (2, 12, 12, 200, 112, 3, 3, 1, 'SAME'),  # kernel gradient in channel blocks (64 + 48) x 3 slots
     (1, 10, 9, 16, 16, 3, 3, 3, ((2, 0), (0, 3))),    # stride 3, asymmetric
     (2, 8, 8, 32, 32, 3, 3, 1, 'VALID'),
 ]
@@ -222,7 +223,7 @@ _DETERMINISM_SCRIPT = textwrap.dedent('''
     from tljax.ops import conv
     rng = np.random.default_rng(0)
     digest = hashlib.sha256()
-    for groups, cin, cout in ((48, 48, 48), (1, 32, 64), (1, 3, 64)):
+    for groups, cin, cout in ((48, 48, 48), (1, 32, 64), (1, 3, 64), (1, 200, 112)):
       x = jnp.asarray(rng.standard_normal((8, 20, 20, cin)), jnp.float32)
       k = jnp.asarray(rng.standard_normal((3, 3, cin // groups, cout)), jnp.float32)
       loss = lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, strides=1, padding='SAME',

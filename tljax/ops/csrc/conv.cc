@@ -13,7 +13,7 @@
 // The kernel gradient is the transposed product: per tap, input rows^T times
 // cotangent rows, over chunks of output pixels; fixed ranges of chunks
 // accumulate into their own copies, summed in order at the end, so the result
-// does not depend on thread scheduling.
+// does not depend on thread scheduling (see KernelGrad for how work is cut).
 
 #include <algorithm>
 #include <cstdint>
@@ -27,7 +27,6 @@
 namespace ffi = xla::ffi;
 using tljax::Load;
 using tljax::ParallelFor;
-using tljax::ParallelSlots;
 using tljax::ReductionSlots;
 using tljax::SlotSums;
 using tljax::Store;
@@ -96,13 +95,21 @@ ffi::Error Check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions kd,
   return ffi::Error::Success();
 }
 
-// The input row that output pixel p reads at tap (i, j), or `zeros` in the padding.
-inline const float* InputRow(const Geometry& g, const float* x, const float* zeros, int64_t p,
-                             int64_t i, int64_t j) {
-  int64_t n = p / (g.ho * g.wo), rem = p % (g.ho * g.wo);
-  int64_t ih = rem / g.wo * g.sh + i - g.pt, iw = rem % g.wo * g.sw + j - g.pl;
-  if (ih < 0 || ih >= g.h || iw < 0 || iw + g.merge > g.w) return zeros;
-  return x + ((n * g.h + ih) * g.w + iw) * g.stride;
+// rows[q] = the input row that output pixel p0 + q reads at tap (i, j), or `zeros` in
+// the padding; pixel coordinates advance incrementally (no divisions per row).
+inline void TapRows(const Geometry& g, const float* x, const float* zeros, int64_t p0,
+                    int64_t count, int64_t i, int64_t j, const float** rows) {
+  const int64_t plane = g.ho * g.wo;
+  int64_t n = p0 / plane, oh = p0 % plane / g.wo, ow = p0 % g.wo;
+  for (int64_t q = 0; q < count; ++q) {
+    const int64_t ih = oh * g.sh + i - g.pt, iw = ow * g.sw + j - g.pl;
+    rows[q] = (ih < 0 || ih >= g.h || iw < 0 || iw + g.merge > g.w)
+        ? zeros : x + ((n * g.h + ih) * g.w + iw) * g.stride;
+    if (++ow == g.wo) {
+      ow = 0;
+      if (++oh == g.ho) oh = 0, ++n;
+    }
+  }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -125,10 +132,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   auto body = [&](int64_t item, int worker) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
     const float** rows = scratch.data() + worker * taps * chunk;
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t p = p0; p < p0 + chunk; ++p)
-        rows[t * chunk + p - p0] =
-            p < p1 ? InputRow(g, xp, zeros.data(), p, t / g.kw, t % g.kw) : zeros.data();
+    for (int64_t t = 0; t < taps; ++t) {
+      TapRows(g, xp, zeros.data(), p0, p1 - p0, t / g.kw, t % g.kw, rows + t * chunk);
+      std::fill(rows + t * chunk + (p1 - p0), rows + (t + 1) * chunk, zeros.data());
+    }
     for (int64_t t0 = 0; t0 < taps; t0 += group) {
       const int64_t nt = std::min(group, taps - t0);
       for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
@@ -162,9 +169,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 constexpr int64_t kGradPixels = 128;  // output pixels per kernel-gradient work item
 
-// acc[r, 16v..] += sum_q rows[q][ch[r]] * ct[q * ldc + 16v ..] for the item's pixels q.
+// acc[r, 16v..] += sum_q rows[q][c0 + r] * ct[q * ldc + 16v ..] for the item's pixels q;
+// a partial last block (valid < kRows) repeats its last channel and stores `valid` rows.
 template <int NV>
-inline void MicroGrad(const float* const* rows, const int64_t* ch, const float* ct, int64_t ldc,
+inline void MicroGrad(const float* const* rows, int64_t c0, const float* ct, int64_t ldc,
                       int64_t count, float* out, int64_t ldo, int valid) {
   V16 acc[kRows][NV];
 #pragma GCC unroll 12
@@ -173,7 +181,7 @@ inline void MicroGrad(const float* const* rows, const int64_t* ch, const float* 
     for (int v = 0; v < NV; ++v) acc[r][v] = r < valid ? Load(out + r * ldo + 16 * v) : V16{};
   int64_t off[kRows];
 #pragma GCC unroll 12
-  for (int r = 0; r < kRows; ++r) off[r] = ch[r];
+  for (int r = 0; r < kRows; ++r) off[r] = c0 + std::min(r, valid - 1);
   for (int64_t q = 0; q < count; ++q) {
     const float* row = rows[q];
     V16 bv[NV];
@@ -191,6 +199,16 @@ inline void MicroGrad(const float* const* rows, const int64_t* ch, const float* 
     for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
 }
 
+// Kernel-gradient work items are (slot, block) pairs. A slot is a fixed range of
+// output pixels with its own copy of the gradient (slot 0 writes the output); a
+// block is a range of output channels over all taps, at most kBlockFloats of the
+// gradient, so its accumulators stay in L2 while the slot's pixels stream past.
+// Small kernels are one block and get many slots (parallelism over pixels); large
+// ones (ResNet's last stages: 2.4-9.4 MB) get many blocks and one or two slots,
+// instead of every pixel chunk sweeping the whole gradient through memory.
+constexpr int64_t kBlockFloats = 160 * 1024;
+constexpr int64_t kMinItems = 16;
+
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
                       ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
                       int64_t pl) {
@@ -201,33 +219,40 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* cp = ct.typed_data();
   const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
-  const int64_t pixels = g.n * g.ho * g.wo, size = g.kh * g.kw * g.cin * g.cout;
-  const int64_t items = (pixels + kGradPixels - 1) / kGradPixels;
-  const int64_t slots = ReductionSlots(items, size * sizeof(float));
+  const int64_t pixels = g.n * g.ho * g.wo, taps = g.kh * g.kw, size = taps * g.cin * g.cout;
+  const int64_t chunks = (pixels + kGradPixels - 1) / kGradPixels;
+  const int64_t width = size <= kBlockFloats ? g.cout
+      : std::clamp<int64_t>(kBlockFloats / (taps * g.cin) / 32 * 32, 32, g.cout);
+  const int64_t blocks = (g.cout + width - 1) / width;
+  const int64_t slots = std::min(ReductionSlots(chunks, size * sizeof(float)),
+                                 (kMinItems + blocks - 1) / blocks);
   SlotSums sums(dk->typed_data(), size, slots);
-  auto body = [&](int64_t slot, int64_t item) {
-    const int64_t p0 = item * kGradPixels, count = std::min(kGradPixels, pixels - p0);
-    const float* rows[kGradPixels];
+  auto body = [&](int64_t item, int) {
+    const int64_t slot = item / blocks, co0 = item % blocks * width;
+    const int64_t co1 = std::min(g.cout, co0 + width);
     float* dkw = sums[slot];
-    const float* ctp = cp + p0 * g.cout;
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j) {
-        for (int64_t q = 0; q < count; ++q) rows[q] = InputRow(g, xp, zeros.data(), p0 + q, i, j);
-        float* dkt = dkw + (i * g.kw + j) * g.cin * g.cout;
+    const float* rows[kGradPixels];
+    for (int64_t chunk = slot * chunks / slots, end = (slot + 1) * chunks / slots; chunk < end;
+         ++chunk) {
+      const int64_t p0 = chunk * kGradPixels, count = std::min(kGradPixels, pixels - p0);
+      const float* ctp = cp + p0 * g.cout;
+      for (int64_t t = 0; t < taps; ++t) {
+        TapRows(g, xp, zeros.data(), p0, count, t / g.kw, t % g.kw, rows);
+        float* dkt = dkw + t * g.cin * g.cout;
         for (int64_t c0 = 0; c0 < g.cin; c0 += kRows) {
           const int valid = static_cast<int>(std::min<int64_t>(kRows, g.cin - c0));
-          int64_t ch[kRows];
-          for (int r = 0; r < kRows; ++r) ch[r] = c0 + std::min(r, valid - 1);
           float* out = dkt + c0 * g.cout;
-          int64_t co = 0;
-          for (; co + 32 <= g.cout; co += 32)
-            MicroGrad<2>(rows, ch, ctp + co, g.cout, count, out + co, g.cout, valid);
-          if (co < g.cout) MicroGrad<1>(rows, ch, ctp + co, g.cout, count, out + co, g.cout, valid);
+          int64_t co = co0;
+          for (; co + 32 <= co1; co += 32)
+            MicroGrad<2>(rows, c0, ctp + co, g.cout, count, out + co, g.cout, valid);
+          if (co < co1)
+            MicroGrad<1>(rows, c0, ctp + co, g.cout, count, out + co, g.cout, valid);
         }
       }
+    }
   };
-  ParallelSlots(pool, items, slots, body);
-  sums.Finish();
+  ParallelFor(pool, slots * blocks, slots * blocks, body);
+  sums.Finish(pool);
   return ffi::Error::Success();
 }
 

@@ -215,7 +215,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       });
   };
   ParallelSlots(pool, g.n, slots, body);
-  sums.Finish();
+  sums.Finish(pool);
   return ffi::Error::Success();
 }
 

@@ -76,9 +76,19 @@ class SlotSums {
   float* operator[](int64_t slot) {
     return slot == 0 ? out_ : rest_.data() + (slot - 1) * size_;
   }
-  void Finish() {
-    for (size_t base = 0; base < rest_.size(); base += size_)
-      for (int64_t t = 0; t < size_; ++t) out_[t] += rest_[base + t];
+  // Each element is still summed in slot order; threads only split the elements.
+  void Finish(xla::ffi::ThreadPool& pool) {
+    const int64_t slots = 1 + static_cast<int64_t>(rest_.size()) / std::max<int64_t>(1, size_);
+    if (slots == 1) return;
+    const int64_t piece = 16384, pieces = (size_ + piece - 1) / piece;
+    auto add = [&](int64_t i, int) {
+      const int64_t lo = i * piece, hi = std::min(size_, lo + piece);
+      for (int64_t s = 1; s < slots; ++s) {
+        const float* src = rest_.data() + (s - 1) * size_;
+        for (int64_t t = lo; t < hi; ++t) out_[t] += src[t];
+      }
+    };
+    ParallelFor(pool, pieces, pieces, add);
   }
 
  private:
