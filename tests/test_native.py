@@ -216,6 +216,68 @@ def test_dense_conv_outside_native_limits_keeps_other_paths():
   assert_close(ref, got)
 
 
+STATS_CASES = [
+    # (n, h, w, cin, cout, kernel, stride, padding)
+    (2, 13, 11, 35, 48, 3, 1, 'SAME'),               # a 16-channel tail, a partial last tile
+    (2, 11, 12, 300, 32, 3, 1, ((1, 1), (1, 1))),     # summed in the last of several passes
+    (2, 23, 21, 3, 64, 7, 2, ((3, 3), (3, 3))),       # the merged RGB stem
+]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('n, h, w, cin, cout, kernel, stride, padding', STATS_CASES)
+def test_native_conv_statistics_are_its_outputs_sums(n, h, w, cin, cout, kernel, stride, padding):
+  """`conv2d_with_stats`: sums equal float64 sums of XLA's output; gradients are conv2d's."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout)), jnp.float32)
+  xla_conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  with conv.conv_impl('fast'):
+    fn = jax.jit(lambda x, k: conv.conv2d_with_stats(x, k, strides=stride, padding=padding))
+    y, stats = fn(x, k)
+    hlo = fn.lower(x, k).compile().as_text()
+    ct = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    loss = lambda x, k: jnp.sum(ct * conv.conv2d_with_stats(  # noqa: E731
+        x, k, strides=stride, padding=padding)[0])
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
+  assert 'tljax_conv_forward_stats' in hlo
+  ref_y = xla_conv(x, k)
+  assert_close((ref_y,), (y,))
+  y64 = np.asarray(ref_y, np.float64)
+  np.testing.assert_allclose(stats[0], y64.sum((0, 1, 2)), rtol=0,
+                             atol=1e-5 * np.abs(y64).sum((0, 1, 2)).max())
+  np.testing.assert_allclose(stats[1], (y64 * y64).sum((0, 1, 2)), rtol=1e-5)
+  xla_grads = jax.grad(lambda x, k: jnp.sum(ct * xla_conv(x, k)), argnums=(0, 1))(x, k)
+  assert_close(xla_grads, grads)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('cin, strides, downsample', [(32, 1, False), (16, 2, True)])
+def test_resnet_block_trains_the_same_with_conv_statistics(cin, strides, downsample):
+  """BatchNorm fed by the C++ conv's sums: same loss, running statistics and gradients
+  as XLA's convs with BatchNorm's own reductions."""
+  from tljax.models import resnet
+  block = resnet.Block(32, bottleneck=False, strides=strides, downsample=downsample)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((4, 14, 13, cin)), jnp.float32)
+  variables = block.init(jax.random.key(0), x)
+
+  def run(impl):
+    def loss(params):
+      y, updates = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                               train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y)), updates
+    with conv.conv_impl(impl):
+      fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+      return fn(variables['params']), fn.lower(variables['params']).compile().as_text()
+
+  (ref, _), (got, hlo) = run('xla'), run('fast')
+  assert hlo.count('custom_call_target="tljax_conv_forward_stats"') == 2
+  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, np.max(np.abs(a))), (a, b)
+
+
 _DETERMINISM_SCRIPT = textwrap.dedent('''
     import hashlib, os, sys
     os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')})
@@ -230,6 +292,9 @@ _DETERMINISM_SCRIPT = textwrap.dedent('''
                                                        groups=groups)))
       for g in jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k):
         digest.update(np.asarray(g).tobytes())
+      if groups == 1 and cin > 3:
+        with_stats = jax.jit(lambda x, k: conv.conv2d_with_stats(x, k, padding='SAME')[1])
+        digest.update(np.asarray(with_stats(x, k)).tobytes())
     print(digest.hexdigest())
 ''')
 

@@ -49,7 +49,9 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, with_stats: bool = False):
+    """The conv output; with `with_stats`, (output, sums or None) for a following
+    training-mode `BatchNorm` (see `tljax.ops.conv.conv2d_with_stats`)."""
     kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
     cin = x.shape[-1]
     if cin % self.groups:
@@ -57,11 +59,19 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (kh, kw, cin // self.groups, self.features),
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = conv_ops.conv2d(x, kernel, strides=self.strides, padding=self.padding, groups=self.groups)
+    geometry = dict(strides=self.strides, padding=self.padding, groups=self.groups)
+    if with_stats and not self.use_bias:
+      return conv_ops.conv2d_with_stats(x, kernel, **geometry)
+    y = conv_ops.conv2d(x, kernel, **geometry)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
-    return y
+    return (y, None) if with_stats else y
+
+
+def conv_with_stats(conv: Conv, x, train: bool):
+  """(conv(x), the sums a following training-mode BatchNorm needs, or None)."""
+  return conv(x, with_stats=True) if train else (conv(x), None)
 
 
 class BatchNorm(nn.Module):
@@ -78,7 +88,8 @@ class BatchNorm(nn.Module):
   use_scale: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, sums=None):
+    """`sums`: the per-channel sums of x and x^2 when the producing conv has them (training)."""
     c = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
@@ -89,7 +100,7 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
       return y.astype(dtype)
-    y, mean, var = batchnorm_ops.normalize_train(x, scale, bias, self.epsilon)
+    y, mean, var = batchnorm_ops.normalize_train(x, scale, bias, self.epsilon, sums)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)

@@ -23,7 +23,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import TORCH_BN, Conv, batch_norm, max_pool_torch, torch_padding
+from tljax.models.layers import (TORCH_BN, Conv, batch_norm, conv_with_stats, max_pool_torch,
+                                 torch_padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,21 +72,23 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    bn = lambda name: batch_norm(train, dtype=self.dtype, name=name, **TORCH_BN)
-    conv = lambda features, k, s, name: Conv(features, k, strides=s, padding=torch_padding(k),
-                                             dtype=self.dtype, name=name)
+    def conv_bn(x, features, k, s, conv_name, bn_name):
+      y, sums = conv_with_stats(Conv(features, k, strides=s, padding=torch_padding(k),
+                                     dtype=self.dtype, name=conv_name), x, train)
+      return batch_norm(train, dtype=self.dtype, name=bn_name, **TORCH_BN)(y, sums)
+
     if self.bottleneck:
       out_ch = self.width * 4
-      y = nn.relu(bn('bn1')(conv(self.width, 1, 1, 'conv1')(x)))
-      y = nn.relu(bn('bn2')(conv(self.width, 3, self.strides, 'conv2')(y)))
-      y = bn('bn3')(conv(out_ch, 1, 1, 'conv3')(y))
+      y = nn.relu(conv_bn(x, self.width, 1, 1, 'conv1', 'bn1'))
+      y = nn.relu(conv_bn(y, self.width, 3, self.strides, 'conv2', 'bn2'))
+      y = conv_bn(y, out_ch, 1, 1, 'conv3', 'bn3')
     else:
       out_ch = self.width
-      y = nn.relu(bn('bn1')(conv(self.width, 3, self.strides, 'conv1')(x)))
-      y = bn('bn2')(conv(self.width, 3, 1, 'conv2')(y))
+      y = nn.relu(conv_bn(x, self.width, 3, self.strides, 'conv1', 'bn1'))
+      y = conv_bn(y, self.width, 3, 1, 'conv2', 'bn2')
     identity = x
     if self.downsample:
-      identity = bn('downsample_bn')(conv(out_ch, 1, self.strides, 'downsample_conv')(x))
+      identity = conv_bn(x, out_ch, 1, self.strides, 'downsample_conv', 'downsample_bn')
     return nn.relu(y + identity)
 
 
@@ -98,9 +101,9 @@ class ResNetBackbone(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     spec = self.spec
-    x = Conv(spec.stem_width, 7, strides=2, padding=torch_padding(7), dtype=self.dtype,
-             name='conv1')(x)
-    x = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1', **TORCH_BN)(x))
+    x, sums = conv_with_stats(Conv(spec.stem_width, 7, strides=2, padding=torch_padding(7),
+                                   dtype=self.dtype, name='conv1'), x, train)
+    x = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1', **TORCH_BN)(x, sums))
     x = max_pool_torch(x, 3, 2, padding=1)
     for s, (size, width) in enumerate(zip(spec.stage_sizes, spec.widths)):
       for b in range(size):

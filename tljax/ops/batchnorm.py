@@ -9,7 +9,11 @@ the cotangent, `sum(g)` and `sum(g * x)`, and one elementwise pass:
   dx = scale * inv * (g - sum(g) / N - xhat * sum(g * xhat) / N)
 
 Statistics are Flax's (`use_fast_variance`: var = E[x^2] - E[x]^2 in float32,
-clipped at 0), so values equal `flax.linen.BatchNorm`'s.
+clipped at 0), so values equal `flax.linen.BatchNorm`'s. A caller that already
+has the per-channel sums of x and x^2 (the C++ conv that produced x,
+`tljax.ops.conv.conv2d_with_stats`) passes them as `sums` and saves the two
+reductions; they take no gradient: the closed form above already accounts for
+the statistics' dependence on x.
 """
 
 from __future__ import annotations
@@ -27,16 +31,46 @@ def _stats(x32, axes):
   return mean, var
 
 
+def normalize_train(x, scale, bias, eps, sums=None):
+  """(y, batch mean, batch variance) over all axes but the last; y in float32.
+
+  `sums`: optional [2, C] float32 sums of x and x^2 over those axes.
+  """
+  if sums is None:
+    return _normalize(x, scale, bias, eps)
+  return _normalize_with_sums(x, scale, bias, lax.stop_gradient(sums), eps)
+
+
+def _stats_from_sums(sums, count):
+  mean = sums[0] / count
+  return mean, jnp.maximum(0.0, sums[1] / count - mean * mean)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def normalize_train(x, scale, bias, eps):
-  """(y, batch mean, batch variance) over all axes but the last; y in float32."""
+def _normalize(x, scale, bias, eps):
   return _normalize_fwd(x, scale, bias, eps)[0]
 
 
-def _normalize_fwd(x, scale, bias, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _normalize_with_sums(x, scale, bias, sums, eps):
+  return _normalize_fwd(x, scale, bias, eps, sums)[0]
+
+
+def _normalize_with_sums_fwd(x, scale, bias, sums, eps):
+  return _normalize_fwd(x, scale, bias, eps, sums)
+
+
+def _normalize_with_sums_bwd(eps, res, cts):
+  return (*_normalize_bwd(eps, res, cts), jnp.zeros((2, res[1].shape[0]), jnp.float32))
+
+
+def _normalize_fwd(x, scale, bias, eps, sums=None):
   axes = tuple(range(x.ndim - 1))
   x32 = x.astype(jnp.float32)
-  mean, var = _stats(x32, axes)
+  if sums is None:
+    mean, var = _stats(x32, axes)
+  else:
+    mean, var = _stats_from_sums(sums, x.size // x.shape[-1])
   inv = lax.rsqrt(var + eps)
   y = (x32 - mean) * (inv * scale) + bias
   return (y, mean, var), (x, scale, mean, inv)
@@ -57,4 +91,5 @@ def _normalize_bwd(eps, res, cts):
   return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_g.astype(scale.dtype)
 
 
-normalize_train.defvjp(_normalize_fwd, _normalize_bwd)
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+_normalize_with_sums.defvjp(_normalize_with_sums_fwd, _normalize_with_sums_bwd)

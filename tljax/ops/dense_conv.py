@@ -104,6 +104,25 @@ def _forward(x, kernel, strides, pads):
   return native.dispatch(fast, lambda x, k: _conv(x, k, strides, pads), x, kernel)
 
 
+def _forward_stats(x, kernel, strides, pads):
+  """(conv output, [2, out] per-channel sum and sum of squares of it): the C++ conv sums
+  its tiles while they are in registers; other platforms reduce the output."""
+  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  cout = kernel.shape[-1]
+
+  def fast(x, k):
+    x, k, p = _merged(x, k, pads)
+    results = (jax.ShapeDtypeStruct((x.shape[0], *out_hw, cout), jnp.float32),
+               jax.ShapeDtypeStruct((2, cout), jnp.float32))
+    return native.call('tljax_conv_forward_stats', results, x, k, sh=strides[0], sw=strides[1],
+                       pt=p[0][0], pl=p[1][0])
+
+  def xla(x, k):
+    y = _conv(x, k, strides, pads)
+    return y, jnp.stack([jnp.sum(y, (0, 1, 2)), jnp.sum(y * y, (0, 1, 2))])
+  return native.dispatch(fast, xla, x, kernel)
+
+
 def _kernel_grad(x, kernel, ct, strides, pads):
   def fallback(x, ct):
     return _patches_kernel_grad(x, ct, kernel.shape, strides, pads)
@@ -155,6 +174,32 @@ def _dense_bwd(strides, pads, res, ct):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_stats(x, kernel, strides, pads):
+  return _forward_stats(x, kernel, strides, pads)
+
+
+def _dense_stats_fwd(x, kernel, strides, pads):
+  return _forward_stats(x, kernel, strides, pads), (x, kernel)
+
+
+def _dense_stats_bwd(strides, pads, res, cts):
+  return _dense_bwd(strides, pads, res, cts[0])   # the statistics carry no gradient
+
+
+_dense_stats.defvjp(_dense_stats_fwd, _dense_stats_bwd)
+
+
 def dense_conv2d(x, kernel, strides: tuple[int, int], pads: Pads):
   """`lax.conv_general_dilated` (NHWC, HWIO, groups=1) with the matmul kernel gradient."""
   return _dense(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
+
+
+def dense_conv2d_with_stats(x, kernel, strides: tuple[int, int], pads: Pads):
+  """`dense_conv2d` and, where the C++ conv runs, its output's [2, out] per-channel sum and
+  sum of squares (no gradient); None where it does not (the caller computes them)."""
+  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
+  if not _native_ok(x, kernel, pads, kernel.shape[-1]) or not native.available():
+    return _dense(x, kernel, strides, pads), None
+  y, stats = _dense_stats(x, kernel, strides, pads)
+  return y, lax.stop_gradient(stats)

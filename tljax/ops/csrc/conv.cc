@@ -41,11 +41,13 @@ constexpr int64_t kDepth = 256;   // input channels per pass (keeps the kernel s
 constexpr int64_t kGroupFloats = 160 * 1024;  // kernel floats per multi-tap pass (640 KB)
 
 // out[r, 16v..] (+)= sum_t sum_c rows[t][r][c] * b[(t * depth + c) * ldb + 16v ..] over `taps`
-// consecutive taps whose kernel rows follow each other; rows >= valid are not stored.
+// consecutive taps whose kernel rows follow each other; rows >= valid are not stored. With
+// `sums`, the stored rows' per-channel sum and sum of squares are added to sums[0, 16v..]
+// and sums[lds, 16v..] (BatchNorm statistics, from registers instead of another pass).
 template <int NV>
 inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, const float* b,
                   int64_t ldb, int64_t depth, float* out, int64_t ldo, int valid,
-                  bool accumulate) {
+                  bool accumulate, float* sums = nullptr, int64_t lds = 0) {
   V16 acc[kRows][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r)
@@ -71,6 +73,16 @@ inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, co
   for (int r = 0; r < valid; ++r)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
+  if (sums == nullptr) return;
+  V16 s1[NV] = {}, s2[NV] = {};
+  for (int r = 0; r < valid; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) s1[v] += acc[r][v], s2[v] += acc[r][v] * acc[r][v];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    Store(sums + 16 * v, Load(sums + 16 * v) + s1[v]);
+    Store(sums + lds + 16 * v, Load(sums + lds + 16 * v) + s2[v]);
+  }
 }
 
 struct Geometry {
@@ -112,8 +124,12 @@ inline void TapRows(const Geometry& g, const float* x, const float* zeros, int64
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+// The forward convolution; with `stats` ([2, Cout]) also the per-channel sum and sum of
+// squares of the output, accumulated per work item as the final pass stores its tiles and
+// added up in item order (deterministic, like the kernel gradient).
+ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                       ffi::ResultBuffer<ffi::F32> y, float* stats, int64_t sh, int64_t sw,
+                       int64_t pt, int64_t pl) {
   Geometry g;
   if (ffi::Error e = Check(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
@@ -129,6 +145,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       : std::clamp<int64_t>(kGroupFloats / (g.cin * g.cout), 1, taps);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   std::vector<const float*> scratch(static_cast<size_t>(threads * taps * chunk));
+  const int64_t items = (pixels + chunk - 1) / chunk;
+  std::vector<float> partial(stats ? static_cast<size_t>(items * 2 * g.cout) : 0, 0.0f);
   auto body = [&](int64_t item, int worker) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
     const float** rows = scratch.data() + worker * taps * chunk;
@@ -141,6 +159,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
         const int64_t depth = std::min(kDepth, g.cin - c0);
         const bool accumulate = t0 > 0 || c0 > 0;
+        float* sums = stats && t0 + nt == taps && c0 + depth == g.cin
+            ? partial.data() + item * 2 * g.cout : nullptr;
         const float* kt = kp + (t0 * g.cin + c0) * g.cout;
         for (int64_t tile = 0; tile * kRows < p1 - p0; ++tile) {
           const float* tr[kRows];
@@ -155,16 +175,41 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
           float* out = yp + (p0 + tile * kRows) * g.cout;
           int64_t co = 0;
           for (; co + 32 <= g.cout; co += 32)
-            Micro<2>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate);
+            Micro<2>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate,
+                     sums ? sums + co : nullptr, g.cout);
           if (co < g.cout)
-            Micro<1>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate);
+            Micro<1>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate,
+                     sums ? sums + co : nullptr, g.cout);
         }
       }
     }
   };
-  const int64_t items = (pixels + chunk - 1) / chunk;
   ParallelFor(pool, items, items, body);
+  if (stats) {
+    const int64_t blocks = 2 * g.cout / 16;
+    auto add = [&](int64_t block, int) {
+      V16 total{};
+      for (int64_t item = 0; item < items; ++item)
+        total += Load(partial.data() + item * 2 * g.cout + block * 16);
+      Store(stats + block * 16, total);
+    };
+    ParallelFor(pool, blocks, blocks, add);
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  return ForwardImpl(pool, x, k, y, nullptr, sh, sw, pt, pl);
+}
+
+ffi::Error ForwardStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> stats,
+                        int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  const auto sd = stats->dimensions();
+  if (sd.size() != 2 || sd[0] != 2 || sd[1] != k.dimensions().back())
+    return ffi::Error::InvalidArgument("conv stats: want a [2, Cout] result");
+  return ForwardImpl(pool, x, k, y, stats->typed_data(), sh, sw, pt, pl);
 }
 
 constexpr int64_t kGradPixels = 128;  // output pixels per kernel-gradient work item
@@ -263,6 +308,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward, Forward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward_stats, ForwardStats,
+                              WithStridesAndPadding(ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_kernel_grad, KernelGrad,
