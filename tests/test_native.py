@@ -278,6 +278,73 @@ def test_resnet_block_trains_the_same_with_conv_statistics(cin, strides, downsam
     assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, np.max(np.abs(a))), (a, b)
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('cin, strides, downsample', [(32, 1, False), (16, 2, True)])
+def test_resnet_block_inference_is_one_conv_pass_per_unit(cin, strides, downsample):
+  """Inference: each 3x3 conv applies BatchNorm, residual and ReLU itself; outputs and the
+  gradients of a frozen-statistics fine-tune equal XLA's unfused path."""
+  from tljax.models import resnet
+  block = resnet.Block(32, bottleneck=False, strides=strides, downsample=downsample)
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 14, 13, cin)), jnp.float32)
+  variables = block.init(jax.random.key(0), x)
+  noise = lambda a: a + 0.3 * jax.random.uniform(jax.random.key(1), a.shape)  # noqa: E731
+  variables = jax.tree_util.tree_map(noise, variables)
+
+  def run(impl):
+    apply = lambda params, x: block.apply(  # noqa: E731
+        {'params': params, 'batch_stats': variables['batch_stats']}, x, train=False)
+    loss = lambda params: jnp.sum(jnp.sin(apply(params, x)))  # noqa: E731
+    with conv.conv_impl(impl):
+      y = jax.jit(apply)(variables['params'], x)
+      grads = jax.jit(jax.grad(loss))(variables['params'])
+      return (y, grads), jax.jit(apply).lower(variables['params'], x).compile().as_text()
+
+  (ref, _), (got, hlo) = run('xla'), run('fast')
+  assert hlo.count('custom_call_target="tljax_conv_forward_affine"') == 2
+  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, np.max(np.abs(a))), (a, b)
+
+
+BN_ACT_CASES = [
+    # (cin, cout, kernel, stride, padding, residual, relu)
+    (35, 48, 3, 1, 'SAME', True, True),
+    (300, 32, 3, 2, ((1, 1), (1, 1)), False, True),     # epilogue after several passes
+    (3, 64, 7, 2, ((3, 3), (3, 3)), False, False),      # the merged RGB stem
+]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('cin, cout, kernel, stride, padding, residual, relu', BN_ACT_CASES)
+def test_native_conv_bn_act_matches_unfused(cin, cout, kernel, stride, padding, residual, relu):
+  """Inference BatchNorm, residual and ReLU in the C++ conv's output pass: the unfused
+  XLA result; under autodiff the unfused form runs, with XLA's gradients."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 15, 14, cin)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout)), jnp.float32)
+  c = lambda lo, hi: jnp.asarray(rng.uniform(lo, hi, cout), jnp.float32)  # noqa: E731
+  bn = dict(mean=c(-2, 2), var=c(0.5, 3), scale=c(-1.5, 1.5), bias=c(-1, 1), eps=1e-5)
+  out_shape = jax.eval_shape(lambda x, k: conv.conv2d(x, k, strides=stride, padding=padding),
+                             x, k).shape
+  res = jnp.asarray(rng.standard_normal(out_shape), jnp.float32) if residual else None
+  ct = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+  def run(impl):
+    fn = lambda x, k, res, scale: conv.conv2d_bn_act(  # noqa: E731
+        x, k, **{**bn, 'scale': scale}, residual=res, relu=relu, strides=stride, padding=padding)
+    loss = lambda *a: jnp.sum(ct * fn(*a))  # noqa: E731
+    with conv.conv_impl(impl):
+      y = jax.jit(fn)(x, k, res, bn['scale'])
+      grads = jax.jit(jax.grad(loss, argnums=(0, 1, 3)))(x, k, res, bn['scale'])
+      return (y, grads, jax.jit(fn).lower(x, k, res, bn['scale']).compile().as_text(),
+              jax.jit(jax.grad(loss)).lower(x, k, res, bn['scale']).compile().as_text())
+
+  ref, got = run('xla'), run('fast')
+  assert 'tljax_conv_forward_affine' in got[2] and 'tljax_conv_forward_affine' not in got[3]
+  assert_close((ref[0],), (got[0],))
+  assert_close(ref[1], got[1])
+
+
 _DETERMINISM_SCRIPT = textwrap.dedent('''
     import hashlib, os, sys
     os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')})

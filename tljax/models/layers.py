@@ -49,9 +49,11 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x, with_stats: bool = False):
+  def __call__(self, x, with_stats: bool = False, bn_act: dict | None = None):
     """The conv output; with `with_stats`, (output, sums or None) for a following
-    training-mode `BatchNorm` (see `tljax.ops.conv.conv2d_with_stats`)."""
+    training-mode `BatchNorm` (see `tljax.ops.conv.conv2d_with_stats`); with `bn_act`
+    (keyword arguments of `tljax.ops.conv.conv2d_bn_act`), an inference BatchNorm,
+    residual and ReLU applied to the output (see `conv_bn`)."""
     kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
     cin = x.shape[-1]
     if cin % self.groups:
@@ -60,6 +62,9 @@ class Conv(nn.Module):
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     geometry = dict(strides=self.strides, padding=self.padding, groups=self.groups)
+    if bn_act is not None:
+      return conv_ops.conv2d_bn_act(x, kernel, strides=self.strides, padding=self.padding,
+                                    **bn_act)
     if with_stats and not self.use_bias:
       return conv_ops.conv2d_with_stats(x, kernel, **geometry)
     y = conv_ops.conv2d(x, kernel, **geometry)
@@ -72,6 +77,27 @@ class Conv(nn.Module):
 def conv_with_stats(conv: Conv, x, train: bool):
   """(conv(x), the sums a following training-mode BatchNorm needs, or None)."""
   return conv(x, with_stats=True) if train else (conv(x), None)
+
+
+def conv_bn(x, conv: Conv, bn: 'BatchNorm', train: bool, *, relu: bool = False, residual=None,
+            fuse: bool = True):
+  """conv → BatchNorm (→ + residual) (→ ReLU), the unit ResNets chain.
+
+  Training feeds BatchNorm the conv's own output statistics (`conv_with_stats`). Float32
+  inference runs the unit as one conv whose output pass applies the running-statistics
+  BatchNorm, the residual and the ReLU (`tljax.ops.conv.conv2d_bn_act`), one pass over
+  the activations instead of three. `fuse=False` keeps inference unfused (XLA then fuses
+  BatchNorm and ReLU into the next op, e.g. the padding of ResNet's stem max pool).
+  """
+  if (fuse and not train and conv.groups == 1 and not conv.use_bias and conv.dtype == jnp.float32
+      and bn.dtype in (None, jnp.float32) and x.dtype == jnp.float32):
+    stats = bn(jax.ShapeDtypeStruct((conv.features,), jnp.float32), inference_params=True)
+    return conv(x, bn_act=dict(**stats, eps=bn.epsilon, residual=residual, relu=relu))
+  y, sums = conv_with_stats(conv, x, train)
+  y = bn(y, sums)
+  if residual is not None:
+    y = y + residual
+  return nn.relu(y) if relu else y
 
 
 class BatchNorm(nn.Module):
@@ -88,17 +114,24 @@ class BatchNorm(nn.Module):
   use_scale: bool = True
 
   @nn.compact
-  def __call__(self, x, sums=None):
-    """`sums`: the per-channel sums of x and x^2 when the producing conv has them (training)."""
+  def __call__(self, x, sums=None, inference_params: bool = False):
+    """`sums`: the per-channel sums of x and x^2 when the producing conv has them (training).
+
+    `inference_params`: return {mean, var, scale, bias} (running statistics and affine,
+    float32) instead of normalizing, for a conv that applies them itself (`conv_bn`); x
+    then only gives the channel count.
+    """
     c = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
     scale = (self.param('scale', nn.initializers.ones, (c,), jnp.float32) if self.use_scale
              else jnp.ones((c,), jnp.float32))
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    if inference_params:
+      return dict(mean=ra_mean.value, var=ra_var.value, scale=scale, bias=bias)
     dtype = self.dtype or jnp.result_type(x, jnp.float32)
     if self.use_running_average:
-      y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+      y = batchnorm_ops.normalize_eval(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
       return y.astype(dtype)
     y, mean, var = batchnorm_ops.normalize_train(x, scale, bias, self.epsilon, sums)
     if not self.is_initializing():

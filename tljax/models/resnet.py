@@ -23,8 +23,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import (TORCH_BN, Conv, batch_norm, conv_with_stats, max_pool_torch,
-                                 torch_padding)
+from tljax.models.layers import TORCH_BN, Conv, batch_norm, conv_bn, max_pool_torch, torch_padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,24 +71,22 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def conv_bn(x, features, k, s, conv_name, bn_name):
-      y, sums = conv_with_stats(Conv(features, k, strides=s, padding=torch_padding(k),
-                                     dtype=self.dtype, name=conv_name), x, train)
-      return batch_norm(train, dtype=self.dtype, name=bn_name, **TORCH_BN)(y, sums)
+    def unit(x, features, k, s, conv_name, bn_name, **kw):
+      conv = Conv(features, k, strides=s, padding=torch_padding(k), dtype=self.dtype,
+                  name=conv_name)
+      return conv_bn(x, conv, batch_norm(train, dtype=self.dtype, name=bn_name, **TORCH_BN),
+                     train, **kw)
 
-    if self.bottleneck:
-      out_ch = self.width * 4
-      y = nn.relu(conv_bn(x, self.width, 1, 1, 'conv1', 'bn1'))
-      y = nn.relu(conv_bn(y, self.width, 3, self.strides, 'conv2', 'bn2'))
-      y = conv_bn(y, out_ch, 1, 1, 'conv3', 'bn3')
-    else:
-      out_ch = self.width
-      y = nn.relu(conv_bn(x, self.width, 3, self.strides, 'conv1', 'bn1'))
-      y = conv_bn(y, self.width, 3, 1, 'conv2', 'bn2')
+    out_ch = self.width * 4 if self.bottleneck else self.width
     identity = x
     if self.downsample:
-      identity = conv_bn(x, out_ch, 1, self.strides, 'downsample_conv', 'downsample_bn')
-    return nn.relu(y + identity)
+      identity = unit(x, out_ch, 1, self.strides, 'downsample_conv', 'downsample_bn')
+    if self.bottleneck:
+      y = unit(x, self.width, 1, 1, 'conv1', 'bn1', relu=True)
+      y = unit(y, self.width, 3, self.strides, 'conv2', 'bn2', relu=True)
+      return unit(y, out_ch, 1, 1, 'conv3', 'bn3', relu=True, residual=identity)
+    y = unit(x, self.width, 3, self.strides, 'conv1', 'bn1', relu=True)
+    return unit(y, self.width, 3, 1, 'conv2', 'bn2', relu=True, residual=identity)
 
 
 class ResNetBackbone(nn.Module):
@@ -101,9 +98,10 @@ class ResNetBackbone(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     spec = self.spec
-    x, sums = conv_with_stats(Conv(spec.stem_width, 7, strides=2, padding=torch_padding(7),
-                                   dtype=self.dtype, name='conv1'), x, train)
-    x = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1', **TORCH_BN)(x, sums))
+    x = conv_bn(x, Conv(spec.stem_width, 7, strides=2, padding=torch_padding(7),
+                        dtype=self.dtype, name='conv1'),
+                batch_norm(train, dtype=self.dtype, name='bn1', **TORCH_BN), train, relu=True,
+                fuse=False)  # XLA fuses BatchNorm and ReLU into the max pool's padding
     x = max_pool_torch(x, 3, 2, padding=1)
     for s, (size, width) in enumerate(zip(spec.stage_sizes, spec.widths)):
       for b in range(size):

@@ -31,6 +31,11 @@ def _stats(x32, axes):
   return mean, var
 
 
+def normalize_eval(x, mean, var, scale, bias, eps):
+  """Inference BatchNorm with running statistics, in float32 (Flax's formula)."""
+  return (x.astype(jnp.float32) - mean) * (lax.rsqrt(var + eps) * scale) + bias
+
+
 def normalize_train(x, scale, bias, eps, sums=None):
   """(y, batch mean, batch variance) over all axes but the last; y in float32.
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tljax.ops import batchnorm as batchnorm_ops
 from tljax.ops import dense_conv, depthwise
 
 IMPLS = ('auto', 'xla', 'fast')
@@ -172,3 +173,26 @@ def conv2d_with_stats(x, kernel, *, strides: int | Sequence[int] = 1, padding: P
     pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
     return dense_conv.dense_conv2d_with_stats(x, kernel, strides, pads)
   return conv2d(x, kernel, strides=strides, padding=padding, groups=groups), None
+
+
+def conv2d_bn_act(x, kernel, *, mean, var, scale, bias, eps: float, residual=None,
+                  relu: bool = False, strides: int | Sequence[int] = 1,
+                  padding: Padding = 'VALID'):
+  """relu?(inference BatchNorm(conv2d(x)) + residual?), float32: a ResNet unit at inference.
+
+  Where the C++ dense conv runs, BatchNorm (folded into a per-channel scale and bias), the
+  residual and the ReLU are applied as it stores its output, instead of in a second pass
+  over it; under autodiff and everywhere else the same formula runs unfused.
+  """
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  kh, kw, _, _ = kernel.shape
+  bn = dict(mean=mean, var=var, scale=scale, bias=bias, eps=eps)
+  if (resolved_impl() == 'fast' and (kh, kw) != (1, 1) and kernel.shape[2] == x.shape[-1]
+      and kh * kw * x.shape[-1] > IM2COL_MAX_DEPTH):
+    pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
+    return dense_conv.dense_conv2d_bn_act(x, kernel, strides, pads, residual=residual,
+                                          relu=relu, **bn)
+  y = batchnorm_ops.normalize_eval(conv2d(x, kernel, strides=strides, padding=padding), **bn)
+  if residual is not None:
+    y = y + residual
+  return jnp.maximum(y, 0.0) if relu else y

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tljax.ops import native
+from tljax.ops import batchnorm, native
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -193,6 +193,57 @@ _dense_stats.defvjp(_dense_stats_fwd, _dense_stats_bwd)
 def dense_conv2d(x, kernel, strides: tuple[int, int], pads: Pads):
   """`lax.conv_general_dilated` (NHWC, HWIO, groups=1) with the matmul kernel gradient."""
   return _dense(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
+
+
+def _bn_act_reference(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
+  y = batchnorm.normalize_eval(_dense(x, kernel, strides, pads), mean, var, scale, bias, eps)
+  if residual is not None:
+    y = y + residual
+  return jnp.maximum(y, 0.0) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _bn_act(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
+  """Evaluated (no gradient taken): one C++ pass. Differentiated: the unfused form."""
+  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+
+  def fast(x, k, mean, var, scale, bias, residual):
+    folded = scale * lax.rsqrt(var + eps)
+    x, k, p = _merged(x, k, pads)
+    out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, k.shape[-1]), jnp.float32)
+    extra = residual if residual is not None else jnp.zeros((1,), jnp.float32)
+    return native.call('tljax_conv_forward_affine', out, x, k, folded, bias - mean * folded,
+                       extra, sh=strides[0], sw=strides[1], pt=p[0][0], pl=p[1][0],
+                       relu=int(relu), residual=int(residual is not None))
+
+  def reference(*args):
+    return _bn_act_reference(*args, strides, pads, eps, relu)
+  return native.dispatch(fast, reference, x, kernel, mean, var, scale, bias, residual)
+
+
+def _bn_act_fwd(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
+  return jax.vjp(lambda *a: _bn_act_reference(*a, strides, pads, eps, relu),
+                 x, kernel, mean, var, scale, bias, residual)
+
+
+def _bn_act_bwd(strides, pads, eps, relu, vjp, ct):
+  return vjp(ct)
+
+
+_bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
+
+
+def dense_conv2d_bn_act(x, kernel, strides: tuple[int, int], pads: Pads, *, mean, var, scale,
+                        bias, eps: float, residual=None, relu: bool = False):
+  """relu?(BatchNorm_inference(conv(x)) + residual?) with BatchNorm, the residual and the
+  ReLU applied as the C++ conv stores its output (one pass instead of three: ~30 ms of a
+  0.65 s ResNet34 forward on 2 CPU cores); the same formula, unfused, under autodiff, where
+  the C++ conv does not apply, and on other platforms. Float32 output."""
+  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
+  args = (x, kernel, mean, var, scale, bias, residual)
+  if not _native_ok(x, kernel, pads, kernel.shape[-1]) or not native.available():
+    return _bn_act_reference(*args, strides, pads, float(eps), bool(relu))
+  return _bn_act(*args, strides, pads, float(eps), bool(relu))
 
 
 def dense_conv2d_with_stats(x, kernel, strides: tuple[int, int], pads: Pads):

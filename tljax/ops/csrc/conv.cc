@@ -40,14 +40,61 @@ constexpr int64_t kTiles = 6;     // tiles per work item
 constexpr int64_t kDepth = 256;   // input channels per pass (keeps the kernel slice in L2)
 constexpr int64_t kGroupFloats = 160 * 1024;  // kernel floats per multi-tap pass (640 KB)
 
+// What the final pass does to a tile as it leaves registers. `sums` (+ channel offset):
+// the tile's per-channel sum and sum of squares are added to sums[0, ..] and sums[lds, ..]
+// (training BatchNorm's statistics). `scale`/`bias` (+ channel offset): y = acc * scale +
+// bias, then + `residual` (laid out like the output, whose start is `out_base`), then
+// max(y, 0) with `relu` (an inference BatchNorm folded into the conv, the block's skip
+// connection and its ReLU).
+struct Epilogue {
+  float* sums = nullptr;
+  int64_t lds = 0;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  const float* residual = nullptr;
+  const float* out_base = nullptr;
+  bool relu = false;
+};
+
+template <int NV>
+inline void Finish(V16 (&acc)[kRows][NV], float* out, int64_t ldo, int valid, const Epilogue& ep,
+                   int64_t co) {
+  if (ep.sums != nullptr) {
+    V16 s1[NV] = {}, s2[NV] = {};
+    for (int r = 0; r < valid; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) s1[v] += acc[r][v], s2[v] += acc[r][v] * acc[r][v];
+    float* sums = ep.sums + co;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      Store(sums + 16 * v, Load(sums + 16 * v) + s1[v]);
+      Store(sums + ep.lds + 16 * v, Load(sums + ep.lds + 16 * v) + s2[v]);
+    }
+  }
+  V16 scale[NV], bias[NV];
+  if (ep.scale != nullptr)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      scale[v] = Load(ep.scale + co + 16 * v), bias[v] = Load(ep.bias + co + 16 * v);
+  const float* residual = ep.residual ? ep.residual + (out - ep.out_base) : nullptr;
+  for (int r = 0; r < valid; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      V16 y = acc[r][v];
+      if (ep.scale != nullptr) y = y * scale[v] + bias[v];
+      if (residual) y += Load(residual + r * ldo + 16 * v);
+      if (ep.relu) y = y < 0.0f ? V16{} : y;  // NaN stays NaN, as in jnp.maximum
+      Store(out + r * ldo + 16 * v, y);
+    }
+}
+
 // out[r, 16v..] (+)= sum_t sum_c rows[t][r][c] * b[(t * depth + c) * ldb + 16v ..] over `taps`
-// consecutive taps whose kernel rows follow each other; rows >= valid are not stored. With
-// `sums`, the stored rows' per-channel sum and sum of squares are added to sums[0, 16v..]
-// and sums[lds, 16v..] (BatchNorm statistics, from registers instead of another pass).
+// consecutive taps whose kernel rows follow each other; rows >= valid are not stored.
+// `ep` (final pass only) is applied to output channels co.. of the tile.
 template <int NV>
 inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, const float* b,
                   int64_t ldb, int64_t depth, float* out, int64_t ldo, int valid,
-                  bool accumulate, float* sums = nullptr, int64_t lds = 0) {
+                  bool accumulate, const Epilogue* ep = nullptr, int64_t co = 0) {
   V16 acc[kRows][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r)
@@ -70,19 +117,11 @@ inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, co
       }
     }
   }
-  for (int r = 0; r < valid; ++r)
+  if (ep != nullptr) Finish<NV>(acc, out, ldo, valid, *ep, co);
+  else
+    for (int r = 0; r < valid; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
-  if (sums == nullptr) return;
-  V16 s1[NV] = {}, s2[NV] = {};
-  for (int r = 0; r < valid; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) s1[v] += acc[r][v], s2[v] += acc[r][v] * acc[r][v];
-#pragma GCC unroll 2
-  for (int v = 0; v < NV; ++v) {
-    Store(sums + 16 * v, Load(sums + 16 * v) + s1[v]);
-    Store(sums + lds + 16 * v, Load(sums + lds + 16 * v) + s2[v]);
-  }
+      for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
 }
 
 struct Geometry {
@@ -124,12 +163,12 @@ inline void TapRows(const Geometry& g, const float* x, const float* zeros, int64
   }
 }
 
-// The forward convolution; with `stats` ([2, Cout]) also the per-channel sum and sum of
-// squares of the output, accumulated per work item as the final pass stores its tiles and
+// The forward convolution, `epilogue` applied by its final pass; with `stats` ([2, Cout])
+// also the per-channel sum and sum of squares of the output, accumulated per work item and
 // added up in item order (deterministic, like the kernel gradient).
 ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                       ffi::ResultBuffer<ffi::F32> y, float* stats, int64_t sh, int64_t sw,
-                       int64_t pt, int64_t pl) {
+                       ffi::ResultBuffer<ffi::F32> y, Epilogue epilogue, float* stats,
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   Geometry g;
   if (ffi::Error e = Check(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
@@ -159,8 +198,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
         const int64_t depth = std::min(kDepth, g.cin - c0);
         const bool accumulate = t0 > 0 || c0 > 0;
-        float* sums = stats && t0 + nt == taps && c0 + depth == g.cin
-            ? partial.data() + item * 2 * g.cout : nullptr;
+        Epilogue ep = epilogue;
+        ep.sums = stats ? partial.data() + item * 2 * g.cout : nullptr;
+        ep.lds = g.cout;
+        const bool final = t0 + nt == taps && c0 + depth == g.cin;
+        const Epilogue* epp = final && (stats || ep.scale || ep.residual || ep.relu) ? &ep
+                                                                                   : nullptr;
         const float* kt = kp + (t0 * g.cin + c0) * g.cout;
         for (int64_t tile = 0; tile * kRows < p1 - p0; ++tile) {
           const float* tr[kRows];
@@ -176,10 +219,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
           int64_t co = 0;
           for (; co + 32 <= g.cout; co += 32)
             Micro<2>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate,
-                     sums ? sums + co : nullptr, g.cout);
+                     epp, co);
           if (co < g.cout)
             Micro<1>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate,
-                     sums ? sums + co : nullptr, g.cout);
+                     epp, co);
         }
       }
     }
@@ -200,7 +243,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  return ForwardImpl(pool, x, k, y, nullptr, sh, sw, pt, pl);
+  return ForwardImpl(pool, x, k, y, Epilogue{}, nullptr, sh, sw, pt, pl);
 }
 
 ffi::Error ForwardStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -209,7 +252,28 @@ ffi::Error ForwardStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const auto sd = stats->dimensions();
   if (sd.size() != 2 || sd[0] != 2 || sd[1] != k.dimensions().back())
     return ffi::Error::InvalidArgument("conv stats: want a [2, Cout] result");
-  return ForwardImpl(pool, x, k, y, stats->typed_data(), sh, sw, pt, pl);
+  return ForwardImpl(pool, x, k, y, Epilogue{}, stats->typed_data(), sh, sw, pt, pl);
+}
+
+// Inference: relu?(conv(x) * scale + bias + residual?), one pass over the output.
+ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                         ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
+                         int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t relu,
+                         int64_t with_residual) {
+  const int64_t cout = k.dimensions().back();
+  if (scale.element_count() != static_cast<size_t>(cout) ||
+      bias.element_count() != static_cast<size_t>(cout) ||
+      (with_residual && residual.element_count() != y->element_count()))
+    return ffi::Error::InvalidArgument(
+        "conv affine: want scale and bias [Cout] and a residual shaped like the output");
+  Epilogue ep;
+  ep.scale = scale.typed_data();
+  ep.bias = bias.typed_data();
+  ep.residual = with_residual ? residual.typed_data() : nullptr;
+  ep.out_base = y->typed_data();
+  ep.relu = relu != 0;
+  return ForwardImpl(pool, x, k, y, ep, nullptr, sh, sw, pt, pl);
 }
 
 constexpr int64_t kGradPixels = 128;  // output pixels per kernel-gradient work item
@@ -317,6 +381,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward_stats, ForwardStats,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward_affine, ForwardAffine,
+                              WithStridesAndPadding(ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>())
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("residual"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_kernel_grad, KernelGrad,
                               WithStridesAndPadding(ffi::Ffi::Bind()
