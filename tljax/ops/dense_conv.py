@@ -15,7 +15,10 @@ the stride-1 input gradient and the kernel gradient run as indirect GEMMs
 instead (`csrc/conv.cc`; no patches matrix, 1.3-3x faster than it). XLA:CPU
 runs some of these convolutions on one thread (3x3, 64 channels at 56x56:
 ~190 GFLOP/s forward) and its input gradients at 70-100 GFLOP/s inside a
-ResNet34 step; the GEMM reaches 320-430 on 2 cores.
+ResNet34 step; the GEMM reaches 320-430 on 2 cores. The C++ forward can also
+finish its tiles while they are in registers: sum them for training BatchNorm
+(`dense_conv2d_with_stats`) or apply an inference BatchNorm, residual and ReLU
+(`dense_conv2d_bn_act`), instead of XLA passes over the output.
 """
 
 from __future__ import annotations
@@ -236,9 +239,9 @@ _bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
 def dense_conv2d_bn_act(x, kernel, strides: tuple[int, int], pads: Pads, *, mean, var, scale,
                         bias, eps: float, residual=None, relu: bool = False):
   """relu?(BatchNorm_inference(conv(x)) + residual?) with BatchNorm, the residual and the
-  ReLU applied as the C++ conv stores its output (one pass instead of three: ~30 ms of a
-  0.65 s ResNet34 forward on 2 CPU cores); the same formula, unfused, under autodiff, where
-  the C++ conv does not apply, and on other platforms. Float32 output."""
+  ReLU applied as the C++ conv stores its output, instead of XLA passes over it (20-25 ms
+  of a ~0.63 s ResNet34 forward on 2 CPU cores in profiles); the same formula, unfused,
+  under autodiff, where the C++ conv does not apply, and on other platforms. Float32."""
   strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
   args = (x, kernel, mean, var, scale, bias, residual)
   if not _native_ok(x, kernel, pads, kernel.shape[-1]) or not native.available():
