@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tljax.models.layers import BatchNorm
+from tljax.ops import conv, native
 
 
 def _run(module, variables, x, ct):
@@ -23,9 +24,27 @@ def _run(module, variables, x, ct):
 @pytest.mark.parametrize('use_scale', [True, False])
 @pytest.mark.parametrize('dtype, grad_rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_matches_flax_batchnorm(train, use_scale, dtype, grad_rtol):
+  """XLA's reductions ('xla' path): outputs bit-identical to Flax's."""
+  with conv.conv_impl('xla'):
+    _check_against_flax(train, use_scale, dtype, grad_rtol, exact=True)
+
+
+@pytest.mark.skipif(not native.available(), reason='no C++ kernels on this machine')
+@pytest.mark.parametrize('use_scale', [True, False])
+@pytest.mark.parametrize('shape', [(4, 5, 6, 7), (3, 9, 8, 24), (2, 30, 31, 144)])
+def test_one_read_sums_match_flax_batchnorm(use_scale, shape):
+  """The C++ one-read sums (the CPU 'fast' path): Flax's values within float32 rounding;
+  channel counts whose rows tile 16-float vectors (24) or not (7, 144)."""
+  with conv.conv_impl('fast'):
+    _check_against_flax(True, use_scale, jnp.float32, 1e-5, exact=False, shape=shape,
+                        want_hlo='tljax_batchnorm_sums')
+
+
+def _check_against_flax(train, use_scale, dtype, grad_rtol, *, exact, shape=(4, 5, 6, 7),
+                        want_hlo=None):
   kw = dict(use_running_average=not train, epsilon=1e-3, momentum=0.9, dtype=dtype,
             use_scale=use_scale)
-  x = (jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) * 3 + 1).astype(dtype)
+  x = (jax.random.normal(jax.random.key(0), shape) * 3 + 1).astype(dtype)
   ct = jax.random.normal(jax.random.key(3), x.shape)
   ref_vars = nn.BatchNorm(**kw).init(jax.random.key(1), x)
   assert (jax.tree_util.tree_structure(BatchNorm(**kw).init(jax.random.key(1), x))
@@ -35,9 +54,16 @@ def test_matches_flax_batchnorm(train, use_scale, dtype, grad_rtol):
   ref = _run(nn.BatchNorm(**kw), variables, x, ct)
   got = _run(BatchNorm(**kw), variables, x, ct)
   assert got[0].dtype == ref[0].dtype and got[3].dtype == ref[3].dtype
-  np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(ref[0], np.float32))
+  if exact:
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(ref[0], np.float32))
+  else:
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-5)
+  if want_hlo:
+    hlo = jax.jit(lambda v, x: _run(BatchNorm(**kw), v, x, ct)).lower(variables, x).compile()
+    assert want_hlo in hlo.as_text()
+  rtol, atol = (1e-6, 1e-7) if exact else (1e-5, 1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(ref[1]), jax.tree_util.tree_leaves(got[1])):
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)
   for a, b in zip(jax.tree_util.tree_leaves((ref[2], ref[3])),
                   jax.tree_util.tree_leaves((got[2], got[3]))):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

@@ -349,7 +349,7 @@ _DETERMINISM_SCRIPT = textwrap.dedent('''
     import hashlib, os, sys
     os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')})
     import jax, jax.numpy as jnp, numpy as np
-    from tljax.ops import conv
+    from tljax.ops import batchnorm, conv
     rng = np.random.default_rng(0)
     digest = hashlib.sha256()
     for groups, cin, cout in ((48, 48, 48), (1, 32, 64), (1, 3, 64), (1, 200, 112)):
@@ -362,6 +362,9 @@ _DETERMINISM_SCRIPT = textwrap.dedent('''
       if groups == 1 and cin > 3:
         with_stats = jax.jit(lambda x, k: conv.conv2d_with_stats(x, k, padding='SAME')[1])
         digest.update(np.asarray(with_stats(x, k)).tobytes())
+      bn_loss = lambda x: jnp.sum(jnp.sin(batchnorm.normalize_train(  # noqa: E731
+          x, jnp.ones(cin), jnp.zeros(cin), 1e-5)[0]))
+      digest.update(np.asarray(jax.jit(jax.grad(bn_loss))(x)).tobytes())
     print(digest.hexdigest())
 ''')
 

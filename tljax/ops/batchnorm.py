@@ -24,8 +24,34 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tljax.ops import native
+
+
+def _native_sums(a, b):
+  """[2, C] sums of a and of a * b over all axes but the last, from one read (C++ on CPU),
+  or None where the 'fast' CPU path (`tljax.ops.conv`) with the C++ kernels does not run.
+
+  XLA:CPU reads the activations once per sum; BatchNorm's four reductions were
+  over a third of a MobileNetV2 step. The C++ sums are 2-5x faster; their
+  summation order differs from XLA's in the last bits.
+  """
+  from tljax.ops import conv  # noqa: PLC0415 (conv imports this module)
+  if (conv.resolved_impl() != 'fast' or a.dtype != jnp.float32 or b.dtype != jnp.float32
+      or not native.available()):
+    return None
+  axes = tuple(range(a.ndim - 1))
+
+  def fast(a, b):
+    return native.call('tljax_batchnorm_sums', jax.ShapeDtypeStruct((2, a.shape[-1]), jnp.float32),
+                       a, b)
+  return native.dispatch(fast, lambda a, b: jnp.stack([jnp.sum(a, axes), jnp.sum(a * b, axes)]),
+                         a, b)
+
 
 def _stats(x32, axes):
+  sums = _native_sums(x32, x32)
+  if sums is not None:
+    return _stats_from_sums(sums, x32.size // x32.shape[-1])
   mean = jnp.mean(x32, axes)
   var = jnp.maximum(0.0, jnp.mean(x32 * x32, axes) - mean * mean)
   return mean, var
@@ -88,8 +114,9 @@ def _normalize_bwd(eps, res, cts):
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
   x32 = x.astype(jnp.float32)
-  sum_g = jnp.sum(g, axes)
-  sum_gx = jnp.sum(g * x32, axes)
+  sums = _native_sums(g, x32)
+  sum_g, sum_gx = (sums[0], sums[1]) if sums is not None else (jnp.sum(g, axes),
+                                                               jnp.sum(g * x32, axes))
   dscale = inv * (sum_gx - mean * sum_g)          # sum(g * xhat)
   xhat = (x32 - mean) * inv
   dx = (scale * inv) * (g - sum_g / count - xhat * (dscale / count))

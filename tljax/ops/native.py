@@ -29,10 +29,11 @@ from jax import lax
 import jaxlib
 import numpy as np
 
-SOURCES = ('depthwise.cc', 'conv.cc')
+SOURCES = ('depthwise.cc', 'conv.cc', 'batchnorm.cc')
 HEADERS = ('common.h', 'parallel.h')
 TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward', 'tljax_conv_forward',
-           'tljax_conv_forward_stats', 'tljax_conv_forward_affine', 'tljax_conv_kernel_grad')
+           'tljax_conv_forward_stats', 'tljax_conv_forward_affine', 'tljax_conv_kernel_grad',
+           'tljax_batchnorm_sums')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
 _CSRC = pathlib.Path(__file__).with_name('csrc')
 
