@@ -159,38 +159,23 @@ def _input_grad(x, kernel, ct, strides, pads):
   return native.dispatch(fast, xla, ct, kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense(x, kernel, strides, pads):
-  return _forward(x, kernel, strides, pads)
-
-
-def _dense_fwd(x, kernel, strides, pads):
-  return _forward(x, kernel, strides, pads), (x, kernel)
-
-
 def _dense_bwd(strides, pads, res, ct):
   x, kernel = res
   dk = _kernel_grad(x, kernel, ct, strides, pads)
   return _input_grad(x, kernel, ct, strides, pads), dk.astype(kernel.dtype)
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+def _with_conv_gradient(forward, output_ct):
+  """`forward(x, kernel, strides, pads)` with the dense conv's gradient, taken from
+  `output_ct(cotangents)` (outputs besides the conv's, e.g. statistics, carry none)."""
+  fn = jax.custom_vjp(forward, nondiff_argnums=(2, 3))
+  fn.defvjp(lambda x, kernel, strides, pads: (forward(x, kernel, strides, pads), (x, kernel)),
+            lambda strides, pads, res, cts: _dense_bwd(strides, pads, res, output_ct(cts)))
+  return fn
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense_stats(x, kernel, strides, pads):
-  return _forward_stats(x, kernel, strides, pads)
-
-
-def _dense_stats_fwd(x, kernel, strides, pads):
-  return _forward_stats(x, kernel, strides, pads), (x, kernel)
-
-
-def _dense_stats_bwd(strides, pads, res, cts):
-  return _dense_bwd(strides, pads, res, cts[0])   # the statistics carry no gradient
-
-
-_dense_stats.defvjp(_dense_stats_fwd, _dense_stats_bwd)
+_dense = _with_conv_gradient(_forward, lambda ct: ct)
+_dense_stats = _with_conv_gradient(_forward_stats, lambda cts: cts[0])
 
 
 def dense_conv2d(x, kernel, strides: tuple[int, int], pads: Pads):
