@@ -185,10 +185,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   std::vector<const float*> scratch(static_cast<size_t>(threads * taps * chunk));
   const int64_t items = (pixels + chunk - 1) / chunk;
-  std::vector<float> partial(stats ? static_cast<size_t>(items * 2 * g.cout) : 0, 0.0f);
+  // One [2, Cout] buffer per work item, added in item order (slot 0 is `stats` itself).
+  SlotSums item_sums(stats, stats ? 2 * g.cout : 0, stats ? items : 1);
+  const bool finishes = stats || epilogue.scale || epilogue.residual || epilogue.relu;
   auto body = [&](int64_t item, int worker) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
     const float** rows = scratch.data() + worker * taps * chunk;
+    Epilogue ep = epilogue;
+    ep.sums = stats ? item_sums[item] : nullptr;
+    ep.lds = g.cout;
     for (int64_t t = 0; t < taps; ++t) {
       TapRows(g, xp, zeros.data(), p0, p1 - p0, t / g.kw, t % g.kw, rows + t * chunk);
       std::fill(rows + t * chunk + (p1 - p0), rows + (t + 1) * chunk, zeros.data());
@@ -198,12 +203,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
         const int64_t depth = std::min(kDepth, g.cin - c0);
         const bool accumulate = t0 > 0 || c0 > 0;
-        Epilogue ep = epilogue;
-        ep.sums = stats ? partial.data() + item * 2 * g.cout : nullptr;
-        ep.lds = g.cout;
         const bool final = t0 + nt == taps && c0 + depth == g.cin;
-        const Epilogue* epp = final && (stats || ep.scale || ep.residual || ep.relu) ? &ep
-                                                                                   : nullptr;
+        const Epilogue* epp = final && finishes ? &ep : nullptr;
         const float* kt = kp + (t0 * g.cin + c0) * g.cout;
         for (int64_t tile = 0; tile * kRows < p1 - p0; ++tile) {
           const float* tr[kRows];
@@ -228,16 +229,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     }
   };
   ParallelFor(pool, items, items, body);
-  if (stats) {
-    const int64_t blocks = 2 * g.cout / 16;
-    auto add = [&](int64_t block, int) {
-      V16 total{};
-      for (int64_t item = 0; item < items; ++item)
-        total += Load(partial.data() + item * 2 * g.cout + block * 16);
-      Store(stats + block * 16, total);
-    };
-    ParallelFor(pool, blocks, blocks, add);
-  }
+  item_sums.Finish(pool);
   return ffi::Error::Success();
 }
 
