@@ -156,6 +156,16 @@ def conv2d(x, kernel, *, strides: int | Sequence[int] = 1, padding: Padding = 'V
   return xla_conv2d(x, kernel, strides, padding, groups)
 
 
+def _dense_geometry(x, kernel, strides, padding, groups):
+  """(strides, explicit pads) when `conv2d` would take the `dense_conv` path, else None."""
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  kh, kw, kin, _ = kernel.shape
+  if (resolved_impl() != 'fast' or groups != 1 or kin != x.shape[-1] or (kh, kw) == (1, 1)
+      or kh * kw * x.shape[-1] <= IM2COL_MAX_DEPTH):
+    return None
+  return strides, explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
+
+
 def conv2d_with_stats(x, kernel, *, strides: int | Sequence[int] = 1, padding: Padding = 'VALID',
                       groups: int = 1):
   """(`conv2d(...)`, statistics or None) for a conv that feeds training-mode BatchNorm.
@@ -166,12 +176,9 @@ def conv2d_with_stats(x, kernel, *, strides: int | Sequence[int] = 1, padding: P
   step on 2 CPU cores, more when memory bandwidth is contended). Elsewhere None, and
   BatchNorm reduces as usual.
   """
-  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-  kh, kw, _, _ = kernel.shape
-  if (resolved_impl() == 'fast' and groups == 1 and (kh, kw) != (1, 1)
-      and kh * kw * x.shape[-1] > IM2COL_MAX_DEPTH and kernel.shape[2] == x.shape[-1]):
-    pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
-    return dense_conv.dense_conv2d_with_stats(x, kernel, strides, pads)
+  dense = _dense_geometry(x, kernel, strides, padding, groups)
+  if dense is not None:
+    return dense_conv.dense_conv2d_with_stats(x, kernel, *dense)
   return conv2d(x, kernel, strides=strides, padding=padding, groups=groups), None
 
 
@@ -184,14 +191,10 @@ def conv2d_bn_act(x, kernel, *, mean, var, scale, bias, eps: float, residual=Non
   residual and the ReLU are applied as it stores its output, instead of in a second pass
   over it; under autodiff and everywhere else the same formula runs unfused.
   """
-  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-  kh, kw, _, _ = kernel.shape
   bn = dict(mean=mean, var=var, scale=scale, bias=bias, eps=eps)
-  if (resolved_impl() == 'fast' and (kh, kw) != (1, 1) and kernel.shape[2] == x.shape[-1]
-      and kh * kw * x.shape[-1] > IM2COL_MAX_DEPTH):
-    pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
-    return dense_conv.dense_conv2d_bn_act(x, kernel, strides, pads, residual=residual,
-                                          relu=relu, **bn)
+  dense = _dense_geometry(x, kernel, strides, padding, groups=1)
+  if dense is not None:
+    return dense_conv.dense_conv2d_bn_act(x, kernel, *dense, residual=residual, relu=relu, **bn)
   y = batchnorm_ops.normalize_eval(conv2d(x, kernel, strides=strides, padding=padding), **bn)
   if residual is not None:
     y = y + residual
