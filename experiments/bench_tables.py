@@ -3,6 +3,9 @@
 Throughput is images per second (batch / median step time); ratios are
 speed ratios (>1 means tljax is faster). The tljax column a ratio uses is
 the platform's default implementation ('fast' on CPU, 'xla' elsewhere).
+With --rounds, a ratio also shows the range of the per-round ratios (each
+round's tljax median against the same round's peer median), so a reader
+sees how far one round could have moved the pooled figure.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def _ratio(a: float | None, b: float | None) -> str:
   return 'n/a' if not a or not b else f'{b / a:.2f}×'
+
+
+def round_ratios(ours: dict | None, ref: dict | None) -> list[float]:
+  """Peer ÷ tljax time per round; empty unless both ran every round."""
+  a = ours.get('round_medians', []) if isinstance(ours, dict) else []
+  b = ref.get('round_medians', []) if isinstance(ref, dict) else []
+  return [y / x for x, y in zip(a, b)] if len(a) == len(b) > 1 else []
+
+
+def _ratio_cell(ours: dict | None, ref: dict | None) -> str:
+  cell = _ratio(seconds(ours), seconds(ref))
+  per_round = round_ratios(ours, ref)
+  return f'{cell} ({min(per_round):.2f}–{max(per_round):.2f})' if per_round else cell
 
 
 def frameworks(rows: list[dict]) -> list[str]:
@@ -51,12 +67,13 @@ def model_table(result: dict) -> list[str]:
   for row in rows:
     flops = (row.get('flops') or {}).get('inference')
     for mode in MODES:
-      times = {f: seconds(row['results'].get(f, {}).get(mode)) for f in fws}
+      timings = {f: row['results'].get(f, {}).get(mode) for f in fws}
+      times = {f: seconds(t) for f, t in timings.items()}
       if all(t is None for t in times.values()):
         continue
       cells = [row['model'], row['dtype'], MODE_NAMES[mode]]
       cells += [_fmt(row['batch'] / t if t else None) for t in times.values()]
-      cells += [_ratio(times.get(ours), times.get(r)) for r in refs]
+      cells += [_ratio_cell(timings.get(ours), timings.get(r)) for r in refs]
       if peak:
         for f in fws:
           if f.startswith(('tljax', 'torch')):
@@ -115,7 +132,11 @@ def meta_lines(meta: dict) -> list[str]:
            f'{meta.get("platform", "")}',
            f'- Versions: {versions}',
            f'- Batch {meta.get("batch")}, {meta.get("iters")} timed iterations after '
-           f'{meta.get("warmup")} warm-up (median); malloc tuning: '
+           f'{meta.get("warmup")} warm-up (median)'
+           + (f', in each of {meta["rounds"]} rounds with the frameworks interleaved (median of all '
+              'rounds\' samples; per-round ratio range in brackets)'
+              if meta.get('rounds', 1) > 1 else '')
+           + '; malloc tuning: '
            f'{"on" if meta.get("malloc_tuned") else "off"}; '
            + (f'C++ CPU kernels: {meta["native_kernels"]}; ' if meta.get('native_kernels') and
               not meta.get('gpu') else '')

@@ -4,12 +4,17 @@
   python -m experiments.benchmark --models=mobilenet_v2 --batch=8 --iters=3 --no-micro
   python -m experiments.benchmark --gpu --peak_tflops=989 --out=gpu.json    # H100, bf16
   python -m experiments.benchmark --smoke                         # every code path, tiny
+  python -m experiments.benchmark --rounds=3 --models=resnet34     # interleaved, for a noisy host
 
 Each (framework, model, dtype) runs in its own Python process, so one
 framework's threads, allocator state or crash cannot touch another's numbers;
 a framework or model that is missing or fails is reported as n/a. The JSON
 written to --out holds every sample; `tools/perf_readme.py` renders it.
-Run on a quiet machine: the timings are medians, not magic.
+Run on a quiet machine: the timings are medians, not magic. On a shared one,
+--rounds=N repeats every model job N times, alternating the frameworks'
+order, so each framework is sampled across the same stretch of time and a
+slow minute from a neighbour lands on both sides of a ratio; the samples of
+all rounds are pooled and each round's median is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -48,6 +54,9 @@ def parse_args(argv=None):
   p.add_argument('--impls', default=None,
                  help='tljax conv paths: default fast,xla (CPU), xla (GPU)')
   p.add_argument('--modes', default='inference,head_step,full_step,cached_head_step')
+  p.add_argument('--rounds', type=int, default=1,
+                 help='run every model job this many times, frameworks interleaved; tljax\'s '
+                      'second and later --impls (the non-default paths) run in round 1 only')
   p.add_argument('--micro', action=argparse.BooleanOptionalAction, default=None,
                  help='single-conv microbenchmarks (default: on for CPU)')
   p.add_argument('--micro_batch', type=int, default=32)
@@ -86,6 +95,8 @@ def _fill_defaults(args):
     args.micro = not args.gpu
   if args.budget_s is None and args.gpu:
     args.budget_s = 500.0
+  if args.rounds < 1:
+    raise SystemExit(f'--rounds must be at least 1, got {args.rounds}')
   if args.threads is None:
     args.threads = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                     else os.cpu_count())
@@ -144,7 +155,8 @@ def launch(spec: dict, timeout: float) -> dict:
     from tljax.ops.host_memory import allocator_environ
     env = allocator_environ(env)
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--worker', json.dumps(spec)]
-  print(f'[{spec["kind"]}] {spec.get("model", "")} {spec["dtype"]}', flush=True)
+  where = f' round {spec["round"] + 1}' if spec.get('round') else ''
+  print(f'[{spec["kind"]}] {spec.get("model", "")} {spec["dtype"]}{where}', flush=True)
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   cut = threading.Event()
@@ -202,7 +214,8 @@ def metadata(args, argv) -> dict:
           'cpu': cpu, 'cpus': os.cpu_count(), 'threads': args.threads,
           'platform': platform.platform(),
           'python': platform.python_version(), 'versions': versions, 'batch': args.batch,
-          'iters': args.iters, 'warmup': args.warmup, 'malloc_tuned': args.malloc == 'tuned',
+          'iters': args.iters, 'warmup': args.warmup, 'rounds': args.rounds,
+          'malloc_tuned': args.malloc == 'tuned',
           'gpu': args.gpu, 'peak_tflops': args.peak_tflops, 'git': git, 'smoke': args.smoke,
           'native_kernels': _native_kernels(),
           'command': 'python -m experiments.benchmark ' + ' '.join(shlex.quote(a) for a in argv)}
@@ -229,6 +242,7 @@ def jobs(args) -> list[dict]:
               malloc=args.malloc, threads=args.threads, modes=args.modes.split(','),
               impls=args.impls.split(','))
   frameworks = args.frameworks.split(',')
+  models = [m for m in args.models.split(',') if m]
   out = []
   for dtype in args.dtypes.split(','):
     if args.micro:
@@ -239,9 +253,25 @@ def jobs(args) -> list[dict]:
     # torch.compile is the slowest to start: on a budget it is the one left out.
     first = [fw for fw in frameworks if fw != 'torch-compile' and not (fw == 'keras' and args.gpu)]
     for group in (first, [fw for fw in frameworks if fw == 'torch-compile']):
-      for model in filter(None, args.models.split(',')):
-        out.extend(dict(base, kind=fw, model=model, dtype=dtype) for fw in group)
+      for r in range(args.rounds):
+        order = group if r % 2 == 0 else group[::-1]
+        for model in models:
+          out.extend(dict(base, kind=fw, model=model, dtype=dtype, round=r,
+                          impls=base['impls'] if r == 0 else base['impls'][:1]) for fw in order)
   return out
+
+
+def pool(old: dict, new: dict) -> dict:
+  """One measurement from two rounds' timings: samples pooled, each round's median kept."""
+  if 'samples' not in new:
+    if 'samples' not in old:
+      return new
+    return dict(old, round_errors=old.get('round_errors', []) + [new.get('error')])
+  if 'samples' not in old:
+    return dict(new, round_medians=[new['median_s']])
+  samples = old['samples'] + new['samples']
+  return dict(old, samples=samples, median_s=statistics.median(samples), min_s=min(samples),
+              round_medians=old.get('round_medians', [old['median_s']]) + [new['median_s']])
 
 
 def merge(job: dict, result: dict, suite: dict, sizes: dict):
@@ -263,15 +293,26 @@ def merge(job: dict, result: dict, suite: dict, sizes: dict):
     suite['models'].append(row)
   if 'error' in result:
     names = ([f'tljax-{i}' for i in job['impls']] if job['kind'] == 'tljax' else [job['kind']])
+    results = {}
     for name in names:
       got = result.get('partial', {}).get(name, {})
-      row['results'][name] = {mode: got.get(mode, {'error': result['error']})
-                              for mode in job['modes']} if got else {'error': result['error']}
-    return
-  for k in ('input_size', 'params', 'flops', 'opt_state_bytes'):
-    if k in result:
-      row[k] = result[k]
-  row['results'].update(result['results'])
+      results[name] = ({mode: got.get(mode, {'error': result['error']}) for mode in job['modes']}
+                       if got else {'error': result['error']})
+  else:
+    for k in ('input_size', 'params', 'flops', 'opt_state_bytes'):
+      if k in result:
+        row[k] = result[k]
+    results = result['results']
+  for name, timings in results.items():
+    have = row['results'].get(name, {})
+    have = {} if 'error' in have else have
+    if 'error' in timings and have:  # failed this round only: earlier rounds' samples stay
+      timings = {mode: timings for mode in have}
+    if 'error' in timings:
+      row['results'][name] = timings
+      continue
+    row['results'][name] = dict(have, **{mode: pool(have.get(mode, {}), timing)
+                                         for mode, timing in timings.items()})
 
 
 def input_sizes(args) -> dict:

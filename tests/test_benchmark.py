@@ -84,3 +84,63 @@ def test_perf_readme_replaces_its_section(tmp_path, tiny_row):
   assert readme.read_text() == once
   assert once.startswith('# tljax\n\nIntro.\n') and once.count(perf_readme.BEGIN) == 1
   assert '### CPU: Test CPU' in once and '| simple_cnn_tiny | bfloat16 | inference |' in once
+
+
+def test_rounds_interleave_frameworks_and_run_extra_impls_once():
+  args = benchmark.parse_args(['--rounds=3', '--models=resnet34,mobilenet_v2', '--no-micro',
+                               '--frameworks=tljax,torch-eager'])
+  plan = [(j['round'], j['kind'], j['model'], tuple(j['impls'])) for j in benchmark.jobs(args)]
+  assert [p[:3] for p in plan] == [
+      (0, 'tljax', 'resnet34'), (0, 'torch-eager', 'resnet34'),
+      (0, 'tljax', 'mobilenet_v2'), (0, 'torch-eager', 'mobilenet_v2'),
+      (1, 'torch-eager', 'resnet34'), (1, 'tljax', 'resnet34'),
+      (1, 'torch-eager', 'mobilenet_v2'), (1, 'tljax', 'mobilenet_v2'),
+      (2, 'tljax', 'resnet34'), (2, 'torch-eager', 'resnet34'),
+      (2, 'tljax', 'mobilenet_v2'), (2, 'torch-eager', 'mobilenet_v2')]
+  tljax_impls = [p[3] for p in plan if p[1] == 'tljax']
+  assert tljax_impls == [('fast', 'xla')] * 2 + [('fast',)] * 4
+  with pytest.raises(SystemExit, match='--rounds'):
+    benchmark.parse_args(['--rounds=0'])
+
+
+def _timing(*samples):
+  return {'median_s': sorted(samples)[len(samples) // 2], 'min_s': min(samples),
+          'samples': list(samples), 'first_call_s': 1.0}
+
+
+def test_rounds_pool_samples_keep_round_medians_and_survive_a_failed_round():
+  suite = {'meta': {'rounds': 3, 'batch': 4}, 'micro': [], 'models': []}
+  job = dict(kind='tljax', model='m', dtype='float32', batch=4, impls=['fast'],
+             modes=['inference', 'full_step'])
+  peer = dict(job, kind='torch-eager')
+  ours = [(1.0, 1.2, 1.1), (2.0, 2.2, 2.1), (1.5, 1.4, 1.6)]
+  theirs = [(1.1, 1.3, 1.2), (2.6, 2.4, 2.5), (1.4, 1.5, 1.3)]
+  for r in range(3):
+    benchmark.merge(job, {'results': {'tljax-fast': {
+        'inference': _timing(*ours[r]), 'full_step': _timing(*ours[r])}}}, suite, {})
+    peer_result = ({'error': 'exit 1: boom', 'partial': {}} if r == 1 else
+                   {'results': {'torch-eager': {'inference': _timing(*theirs[r]),
+                                                'full_step': _timing(*theirs[r])}}})
+    benchmark.merge(peer, peer_result, suite, {})
+  results = suite['models'][0]['results']
+  fast = results['tljax-fast']['inference']
+  assert fast['samples'] == [s for r in ours for s in r]
+  assert fast['median_s'] == 1.5 and fast['min_s'] == 1.0
+  assert fast['round_medians'] == [1.1, 2.1, 1.5]
+  torch = results['torch-eager']['full_step']
+  assert torch['round_medians'] == [1.2, 1.4] and torch['round_errors'] == ['exit 1: boom']
+  assert bench_tables.round_ratios(fast, torch) == []  # a missing round: no per-round ratios
+  results['torch-eager']['inference'] = dict(torch, round_medians=[1.2, 2.5, 1.4])
+  per_round = bench_tables.round_ratios(fast, results['torch-eager']['inference'])
+  assert per_round == pytest.approx([1.2 / 1.1, 2.5 / 2.1, 1.4 / 1.5])
+  text = bench_tables.markdown(suite)
+  assert '0.93–1.19)' in text and 'in each of 3 rounds' in text
+
+
+def test_a_framework_that_fails_every_round_stays_an_error():
+  suite = {'meta': {}, 'micro': [], 'models': []}
+  job = dict(kind='torch-eager', model='m', dtype='float32', batch=4, impls=[],
+             modes=['inference'])
+  for _ in range(2):
+    benchmark.merge(job, {'error': 'exit 1: no torch', 'partial': {}}, suite, {})
+  assert suite['models'][0]['results']['torch-eager'] == {'error': 'exit 1: no torch'}
