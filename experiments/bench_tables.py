@@ -137,7 +137,9 @@ def meta_lines(meta: dict) -> list[str]:
               'rounds\' samples; per-round ratio range in brackets)'
               if meta.get('rounds', 1) > 1 else '')
            + '; malloc tuning: '
-           f'{"on" if meta.get("malloc_tuned") else "off"}; '
+           f'{"on" if meta.get("malloc_tuned") else "off"}'
+           + (' (with the huge-block cache, every framework)' if meta.get('host_block_cache') else '')
+           + '; '
            + (f'C++ CPU kernels: {meta["native_kernels"]}; ' if meta.get('native_kernels') and
               not meta.get('gpu') else '')
            + f'git {meta.get("git", "?")}',

@@ -66,8 +66,8 @@ def parse_args(argv=None):
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: CPUs this process may use, as XLA does)')
   p.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
-                 help='glibc malloc tunables (tljax.ops.host_memory) in every worker\'s environment, '
-                      'so every framework gets them')
+                 help='glibc malloc tunables and the huge-block cache (tljax.ops.host_memory) in '
+                      'every worker\'s environment, so every framework gets them')
   p.add_argument('--smoke', action='store_true', help='tiny settings: checks every code path')
   p.add_argument('--timeout', type=int, default=3600, help='seconds per worker process')
   p.add_argument('--budget_s', type=float, default=None,
@@ -215,7 +215,7 @@ def metadata(args, argv) -> dict:
           'platform': platform.platform(),
           'python': platform.python_version(), 'versions': versions, 'batch': args.batch,
           'iters': args.iters, 'warmup': args.warmup, 'rounds': args.rounds,
-          'malloc_tuned': args.malloc == 'tuned',
+          'malloc_tuned': args.malloc == 'tuned', 'host_block_cache': _block_cache(args),
           'gpu': args.gpu, 'peak_tflops': args.peak_tflops, 'git': git, 'smoke': args.smoke,
           'native_kernels': _native_kernels(),
           'command': 'python -m experiments.benchmark ' + ' '.join(shlex.quote(a) for a in argv)}
@@ -226,6 +226,14 @@ def metadata(args, argv) -> dict:
     except Exception:  # noqa: BLE001 — a name is a nicety.
       pass
   return meta
+
+
+def _block_cache(args) -> bool:
+  """Whether every worker runs with tljax's huge-block cache preloaded (part of --malloc=tuned)."""
+  if args.malloc != 'tuned':
+    return False
+  from tljax.ops.host_memory import allocator_environ
+  return 'tljax_hostalloc_' in allocator_environ().get('LD_PRELOAD', '')
 
 
 def _native_kernels() -> str:

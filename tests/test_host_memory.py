@@ -74,3 +74,126 @@ def test_reexec_restarts_the_same_process_once_with_the_tunables(tmp_path):
   assert first[2] == 'False' and second[2] == 'True'
   assert out[0].endswith("['--flag=1']") and out[1].endswith("['--flag=1']")
   assert after == 'after True'
+
+
+# The failure the huge-block cache exists for: a freed block with a live allocation above it,
+# then a request that only the hole can serve (8 MiB: no other free chunk is that big), then the
+# same big request again. glibc carves the 8 MiB out of the hole, so the big block is placed (and
+# faulted in) afresh above it; the cache hands back the same pages.
+_HOLE = textwrap.dedent('''
+    import ctypes, resource
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    n = 300 << 20
+    big = libc.malloc(n); ctypes.memset(big, 1, n)
+    pin = libc.malloc(4096)
+    libc.free(big)
+    medium = libc.malloc(8 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    again = libc.malloc(n); ctypes.memset(again, 2, n)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, again == big)
+''')
+
+
+def _run(script, env, *args):
+  out = subprocess.run([sys.executable, '-c', script, *args], env=env, capture_output=True,
+                       text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout.split()
+
+
+@glibc_only
+def test_block_cache_reuses_the_block_glibc_places_afresh():
+  tuned = host_memory.allocator_environ({k: v for k, v in os.environ.items()
+                                         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')})
+  assert 'tljax_hostalloc_' in tuned['LD_PRELOAD']
+  heap_only = {k: v for k, v in tuned.items() if k != 'LD_PRELOAD'}
+  faults, same = _run(_HOLE, heap_only)
+  assert int(faults) > 60_000 and same == 'False'        # 300 MiB of fresh 4 KiB pages
+  faults, same = _run(_HOLE, tuned)
+  assert int(faults) < 1_000 and same == 'True'
+
+
+_SEMANTICS = textwrap.dedent('''
+    import ctypes
+    libc = ctypes.CDLL(None)
+    P, S = ctypes.c_void_p, ctypes.c_size_t
+    for name, res, args in [('malloc', P, (S,)), ('calloc', P, (S, S)), ('realloc', P, (P, S)),
+                            ('memalign', P, (S, S)), ('aligned_alloc', P, (S, S)),
+                            ('malloc_usable_size', S, (P,)), ('free', None, (P,)),
+                            ('posix_memalign', ctypes.c_int, (ctypes.POINTER(P), S, S))]:
+      fn = getattr(libc, name); fn.restype, fn.argtypes = res, args
+    stats = libc.tljax_hostalloc_stats
+    def cache():
+      mapped, cached = S(), S(); stats(ctypes.byref(mapped), ctypes.byref(cached))
+      return mapped.value, cached.value
+    MiB = 1 << 20
+    def byte(p, i): return ctypes.string_at(p + i, 1)[0]
+
+    a = libc.malloc(100 * MiB); assert a % 4096 == 0
+    assert libc.malloc_usable_size(a) >= 100 * MiB
+    ctypes.memset(a, 7, 100 * MiB); libc.free(a)
+    assert cache() == (100 * MiB, 100 * MiB)
+    z = libc.calloc(1, 90 * MiB); assert z == a                 # reused (within 25%) ...
+    assert byte(z, 0) == byte(z, 90 * MiB - 1) == byte(z, 45 * MiB) == 0   # ... and zeroed
+    assert libc.malloc(70 * MiB) != a                           # in use: a second mapping
+    ctypes.memset(z, 3, 90 * MiB)
+    g = libc.realloc(z, 300 * MiB); assert byte(g, 0) == byte(g, 90 * MiB - 1) == 3
+    s = libc.realloc(g, 1000); assert s % 4096 != 0 and byte(s, 999) == 3   # back to glibc
+    libc.free(s)
+    h = libc.realloc(libc.malloc(1000), 200 * MiB); assert h % 4096 == 0
+    out = P()
+    assert libc.posix_memalign(ctypes.byref(out), 64, 80 * MiB) == 0 and out.value % 4096 == 0
+    assert libc.posix_memalign(ctypes.byref(out), 3, 80 * MiB) != 0           # EINVAL
+    assert libc.aligned_alloc(4096, 80 * MiB) % 4096 == 0
+    big_align = libc.memalign(1 << 16, 80 * MiB); assert big_align % (1 << 16) == 0
+    libc.free(big_align); libc.free(h)
+    small = libc.malloc(1 << 20); assert small and libc.malloc_usable_size(small) >= 1 << 20
+    libc.free(small)
+    mapped, cached = cache()
+    assert cached <= 2 * 300 * MiB and mapped < 2 << 30, (mapped, cached)
+    print('ok')
+''')
+
+
+@glibc_only
+def test_block_cache_keeps_the_c_allocator_contract():
+  env = host_memory.allocator_environ({k: v for k, v in os.environ.items()
+                                       if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')})
+  assert _run(_SEMANTICS, env) == ['ok']
+
+
+_JAX = textwrap.dedent('''
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from tljax.ops import host_memory
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)              # temporaries above 64 MiB
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4096, 4096), np.float32))
+    results = [np.asarray(f(x)) for _ in range(3)]
+    assert all(np.array_equal(results[0], r) for r in results)
+    np.save(sys.argv[1], results[0])
+    print(host_memory.block_cache_active())
+''')
+
+
+@glibc_only
+def test_jax_runs_the_same_under_the_block_cache(tmp_path):
+  base = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
+  base.update(PYTHONPATH=os.getcwd(), JAX_PLATFORMS='cpu')
+  assert _run(_JAX, host_memory.allocator_environ(base), str(tmp_path / 'on.npy')) == ['True']
+  assert _run(_JAX, base, str(tmp_path / 'off.npy')) == ['False']
+  import numpy as np
+  np.testing.assert_array_equal(np.load(tmp_path / 'on.npy'), np.load(tmp_path / 'off.npy'))
+
+
+def test_block_cache_switch():
+  env = host_memory.allocator_environ({'LD_PRELOAD': '/opt/user.so', 'TLJAX_HOST_BLOCK_CACHE': '0'})
+  assert env['LD_PRELOAD'] == '/opt/user.so'
+  with pytest.raises(ValueError, match='TLJAX_HOST_BLOCK_CACHE'):
+    host_memory.allocator_environ({'TLJAX_HOST_BLOCK_CACHE': 'maybe'})
+  if host_memory._is_glibc_linux():
+    env = host_memory.allocator_environ({'LD_PRELOAD': '/opt/user.so'})
+    first, rest = env['LD_PRELOAD'].split(':')
+    assert 'tljax_hostalloc_' in first and rest == '/opt/user.so'
+    assert host_memory.allocator_environ(env)['LD_PRELOAD'] == env['LD_PRELOAD']

@@ -68,13 +68,20 @@ def _cpu_identity() -> str:
 
 
 def _build(cxx: str) -> pathlib.Path:
+  return _compile(cxx, 'tljax_cpu', [*FLAGS, f'-I{jax.ffi.include_dir()}'], SOURCES + HEADERS,
+                  SOURCES, key=(_cpu_identity(), jaxlib.__version__))
+
+
+def _compile(cxx: str, prefix: str, flags: list[str], inputs: tuple[str, ...],
+             sources: tuple[str, ...], key: tuple[str, ...] = ()) -> pathlib.Path:
+  """Builds csrc/`sources` into a shared library cached under a hash of everything it depends on."""
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
   digest = hashlib.sha256()
-  for part in (version, ' '.join(FLAGS), _cpu_identity(), jaxlib.__version__):
+  for part in (version, ' '.join(flags), *key):
     digest.update(part.encode())
-  for name in SOURCES + HEADERS:
+  for name in inputs:
     digest.update((_CSRC / name).read_bytes())
-  name = f'tljax_cpu_{digest.hexdigest()[:16]}.so'
+  name = f'{prefix}_{digest.hexdigest()[:16]}.so'
   for folder in (cache_dir(), pathlib.Path(tempfile.gettempdir()) / f'tljax-native-{os.getuid()}'):
     if (folder / name).exists():
       return folder / name
@@ -91,13 +98,26 @@ def _build(cxx: str) -> pathlib.Path:
   # Build under a temporary name and rename: concurrent processes never load a partial file.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f'-I{jax.ffi.include_dir()}', *[str(_CSRC / s) for s in SOURCES], '-o', tmp]
+  cmd = [cxx, *flags, *[str(_CSRC / s) for s in sources], '-o', tmp]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
   os.replace(tmp, out)
   return out
+
+
+def host_allocator() -> pathlib.Path:
+  """The huge-block cache (`csrc/hostalloc.c`) built as a library for LD_PRELOAD.
+
+  Raises RuntimeError (no compiler, or the build failed); `tljax.ops.host_memory`
+  then runs without it.
+  """
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError('no C compiler found (install gcc or set CXX)')
+  return _compile(cxx, 'tljax_hostalloc', ['-x', 'c', '-std=gnu11', '-O2', '-shared', '-fPIC'],
+                  ('hostalloc.c',), ('hostalloc.c',))
 
 
 def library() -> ctypes.CDLL | None:
