@@ -192,7 +192,8 @@ def test_native_dense_conv_matches_xla(n, h, w, cin, cout, kh, kw, stride, paddi
 @pytest.mark.parametrize('cin, kernel, stride, padding', [
     (3, 7, 2, ((3, 3), (3, 3))),     # ResNet's RGB stem: taps merged along the width
     (2, 5, 1, 'SAME'),
-    (3, 5, 1, ((0, 2), (1, 0))),     # (kh * kw * cin <= 32 goes to the im2col path instead)
+    (3, 5, 1, ((0, 2), (1, 0))),
+    (3, 3, 2, ((1, 1), (1, 1))),     # MobileNet's stem: C++ conv, not im2col's nine copies
 ])
 def test_native_few_channel_conv_matches_xla(cin, kernel, stride, padding):
   rng = np.random.default_rng(4)
@@ -202,6 +203,19 @@ def test_native_few_channel_conv_matches_xla(cin, kernel, stride, padding):
   got, hlo = _dense_run('fast', x, k, stride, padding)
   assert 'tljax_conv_forward' in hlo and 'tljax_conv_kernel_grad' in hlo
   assert_close(ref, got)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+def test_shallow_stem_takes_the_cpp_conv_only_where_it_runs(monkeypatch):
+  x = jnp.zeros((2, 16, 16, 3), jnp.float32)
+  lowered = lambda k: jax.jit(lambda x, k: conv.conv2d(x, k, strides=2, padding='SAME')).lower(
+      x, k).as_text()
+  with conv.conv_impl('fast'):
+    assert 'tljax_conv_forward' in lowered(jnp.zeros((3, 3, 3, 32), jnp.float32))
+    im2col = lowered(jnp.zeros((3, 3, 3, 24), jnp.float32))      # 24 outputs: not for C++
+    assert 'tljax_conv' not in im2col and 'concatenate' in im2col
+    monkeypatch.setenv('TLJAX_NATIVE', '0')
+    assert 'tljax_conv' not in lowered(jnp.zeros((3, 3, 3, 32), jnp.float32))
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')

@@ -83,6 +83,11 @@ def _native_ok(x, kernel, pads, out_channels):
           and min(p for pair in pads for p in pair) >= 0)
 
 
+def takes_native(x, kernel, pads) -> bool:
+  """Whether `dense_conv2d` runs the C++ conv for these operands (kernels built, CPU at run time)."""
+  return native.available() and _native_ok(x, kernel, pads, kernel.shape[-1])
+
+
 def _merged(x, kernel, pads):
   """Few input channels (an RGB stem): each tap would be too shallow for the GEMM tiles.
 
