@@ -359,6 +359,48 @@ def test_native_conv_bn_act_matches_unfused(cin, cout, kernel, stride, padding, 
   assert_close(ref[1], got[1])
 
 
+DEPTHWISE_BN_ACT_CASES = [
+    # (channels, kernel, stride, padding, relu, clip)
+    (24, 3, 1, ((1, 1), (1, 1)), False, (0.0, 6.0)),   # ReLU6; a 16-block and an 8-lane tail
+    (32, 3, 2, ((0, 1), (0, 1)), True, None),          # TF 'SAME' at stride 2, ReLU
+    (16, 5, 1, 'SAME', False, None),                   # BatchNorm only (no activation)
+]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='no C++ compiler on this machine')
+@pytest.mark.parametrize('c, kernel, stride, padding, relu, clip', DEPTHWISE_BN_ACT_CASES)
+def test_native_depthwise_bn_act_matches_unfused(c, kernel, stride, padding, relu, clip):
+  """MobileNet's depthwise unit at inference: BatchNorm and ReLU/ReLU6 in the C++ depthwise
+  kernel's output pass give the unfused XLA result; under autodiff the unfused form runs."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((2, 13, 12, c)) * 3, jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kernel, kernel, 1, c)), jnp.float32)
+  v = lambda lo, hi: jnp.asarray(rng.uniform(lo, hi, c), jnp.float32)  # noqa: E731
+  bn = dict(mean=v(-2, 2), var=v(0.5, 3), scale=v(-3, 3), bias=v(-1, 4), eps=1e-3)
+  out_shape = jax.eval_shape(
+      lambda x, k: conv.conv2d(x, k, strides=stride, padding=padding, groups=c), x, k).shape
+  ct = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+  def run(impl):
+    fn = lambda x, k, scale: conv.conv2d_bn_act(  # noqa: E731
+        x, k, **{**bn, 'scale': scale}, relu=relu, clip=clip, strides=stride, padding=padding,
+        groups=c)
+    loss = lambda *a: jnp.sum(ct * fn(*a))  # noqa: E731
+    with conv.conv_impl(impl):
+      y = jax.jit(fn)(x, k, bn['scale'])
+      grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, bn['scale'])
+      return (y, grads, jax.jit(fn).lower(x, k, bn['scale']).compile().as_text(),
+              jax.jit(jax.grad(loss)).lower(x, k, bn['scale']).compile().as_text())
+
+  ref, got = run('xla'), run('fast')
+  assert 'tljax_depthwise_forward_affine' in got[2]
+  assert 'tljax_depthwise_forward_affine' not in got[3]
+  if clip is not None:   # the clip is exercised at both ends
+    assert float(jnp.min(ref[0])) == clip[0] and float(jnp.max(ref[0])) == clip[1]
+  assert_close((ref[0],), (got[0],))
+  assert_close(ref[1], got[1])
+
+
 _DETERMINISM_SCRIPT = textwrap.dedent('''
     import hashlib, os, sys
     os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')})

@@ -63,8 +63,7 @@ class Conv(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     geometry = dict(strides=self.strides, padding=self.padding, groups=self.groups)
     if bn_act is not None:
-      return conv_ops.conv2d_bn_act(x, kernel, strides=self.strides, padding=self.padding,
-                                    **bn_act)
+      return conv_ops.conv2d_bn_act(x, kernel, **geometry, **bn_act)
     if with_stats and not self.use_bias:
       return conv_ops.conv2d_with_stats(x, kernel, **geometry)
     y = conv_ops.conv2d(x, kernel, **geometry)
@@ -80,24 +79,26 @@ def conv_with_stats(conv: Conv, x, train: bool):
 
 
 def conv_bn(x, conv: Conv, bn: 'BatchNorm', train: bool, *, relu: bool = False, residual=None,
-            fuse: bool = True):
-  """conv → BatchNorm (→ + residual) (→ ReLU), the unit ResNets chain.
+            clip: tuple[float, float] | None = None, fuse: bool = True):
+  """conv → BatchNorm (→ + residual) (→ ReLU) (→ clip), the unit ResNets and MobileNets chain.
 
   Training feeds BatchNorm the conv's own output statistics (`conv_with_stats`). Float32
   inference runs the unit as one conv whose output pass applies the running-statistics
-  BatchNorm, the residual and the ReLU (`tljax.ops.conv.conv2d_bn_act`), one pass over
+  BatchNorm, the residual and the activation (`tljax.ops.conv.conv2d_bn_act`), one pass over
   the activations instead of three. `fuse=False` keeps inference unfused (XLA then fuses
   BatchNorm and ReLU into the next op, e.g. the padding of ResNet's stem max pool).
   """
-  if (fuse and not train and conv.groups == 1 and not conv.use_bias and conv.dtype == jnp.float32
-      and bn.dtype in (None, jnp.float32) and x.dtype == jnp.float32):
+  if (fuse and not train and conv.groups in (1, x.shape[-1]) and not conv.use_bias
+      and conv.dtype == jnp.float32 and bn.dtype in (None, jnp.float32)
+      and x.dtype == jnp.float32):
     stats = bn(jax.ShapeDtypeStruct((conv.features,), jnp.float32), inference_params=True)
-    return conv(x, bn_act=dict(**stats, eps=bn.epsilon, residual=residual, relu=relu))
+    return conv(x, bn_act=dict(**stats, eps=bn.epsilon, residual=residual, relu=relu, clip=clip))
   y, sums = conv_with_stats(conv, x, train)
   y = bn(y, sums)
   if residual is not None:
     y = y + residual
-  return nn.relu(y) if relu else y
+  y = nn.relu(y) if relu else y
+  return y if clip is None else jnp.clip(y, *clip)
 
 
 class BatchNorm(nn.Module):

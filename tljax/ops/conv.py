@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from tljax.ops import batchnorm as batchnorm_ops
 from tljax.ops import dense_conv, depthwise
@@ -191,19 +192,30 @@ def conv2d_with_stats(x, kernel, *, strides: int | Sequence[int] = 1, padding: P
 
 
 def conv2d_bn_act(x, kernel, *, mean, var, scale, bias, eps: float, residual=None,
-                  relu: bool = False, strides: int | Sequence[int] = 1,
-                  padding: Padding = 'VALID'):
-  """relu?(inference BatchNorm(conv2d(x)) + residual?), float32: a ResNet unit at inference.
+                  relu: bool = False, clip: tuple[float, float] | None = None,
+                  strides: int | Sequence[int] = 1, padding: Padding = 'VALID', groups: int = 1):
+  """clip(relu?(inference BatchNorm(conv2d(x)) + residual?)), float32: a ResNet unit, or a
+  MobileNet depthwise unit (`clip=(0, 6)`: ReLU6), at inference.
 
-  Where the C++ dense conv runs, BatchNorm (folded into a per-channel scale and bias), the
-  residual and the ReLU are applied as it stores its output, instead of in a second pass
-  over it; under autodiff and everywhere else the same formula runs unfused.
+  Where the C++ dense conv (ReLU, no clip) or depthwise conv (clip, no residual) runs,
+  BatchNorm (folded into a per-channel scale and bias), the residual and the activation
+  are applied as it stores its output, instead of in more passes over it; under autodiff
+  and everywhere else the same formula runs unfused.
   """
   bn = dict(mean=mean, var=var, scale=scale, bias=bias, eps=eps)
-  dense = _dense_geometry(x, kernel, strides, padding, groups=1)
+  kh, kw = kernel.shape[:2]
+  strides_hw = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  if (resolved_impl() == 'fast' and groups > 1 and groups == x.shape[-1] and residual is None
+      and not (relu and clip is not None)):
+    pads = explicit_padding(padding, x.shape[1:3], (kh, kw), strides_hw)
+    return depthwise.depthwise_conv2d_bn_act(
+        x, kernel, strides_hw, pads, clip=(0.0, np.inf) if relu else clip, **bn)
+  dense = _dense_geometry(x, kernel, strides, padding, groups) if clip is None else None
   if dense is not None:
     return dense_conv.dense_conv2d_bn_act(x, kernel, *dense, residual=residual, relu=relu, **bn)
-  y = batchnorm_ops.normalize_eval(conv2d(x, kernel, strides=strides, padding=padding), **bn)
+  y = batchnorm_ops.normalize_eval(
+      conv2d(x, kernel, strides=strides, padding=padding, groups=groups), **bn)
   if residual is not None:
     y = y + residual
-  return jnp.maximum(y, 0.0) if relu else y
+  y = jnp.maximum(y, 0.0) if relu else y
+  return y if clip is None else jnp.clip(y, *clip)

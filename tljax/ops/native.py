@@ -31,8 +31,8 @@ import numpy as np
 
 SOURCES = ('depthwise.cc', 'conv.cc', 'batchnorm.cc')
 HEADERS = ('common.h', 'parallel.h')
-TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward', 'tljax_conv_forward',
-           'tljax_conv_forward_stats', 'tljax_conv_forward_affine', 'tljax_conv_kernel_grad',
+TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_forward_affine', 'tljax_depthwise_backward',
+           'tljax_conv_forward', 'tljax_conv_forward_stats', 'tljax_conv_forward_affine', 'tljax_conv_kernel_grad',
            'tljax_batchnorm_sums')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
 _CSRC = pathlib.Path(__file__).with_name('csrc')
@@ -163,10 +163,11 @@ def dispatch(native_fn, fallback_fn, *args):
 
 
 def call(target: str, results, *args, **attrs):
-  """Calls one of the C++ kernels; integer attributes go to it as int64.
+  """Calls one of the C++ kernels; integer attributes go to it as int64, floats as float32.
 
   Under `jax.vmap` (a pmap emulated with vmap, per-example gradients) the
   kernel runs once per mapped element.
   """
   return jax.ffi.ffi_call(target, results, vmap_method='sequential')(
-      *args, **{k: np.int64(v) for k, v in attrs.items()})
+      *args, **{k: np.float32(v) if isinstance(v, float) else np.int64(v)
+                for k, v in attrs.items()})

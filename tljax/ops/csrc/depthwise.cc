@@ -72,9 +72,42 @@ inline void Interior(const Geometry& g, int64_t* lo, int64_t* hi) {
 // kTile output pixels at once: independent accumulators keep the FMA pipes busy.
 constexpr int kTile = 8;
 
+// Inference: min(max(acc * scale + bias, lo), hi) per channel as outputs are stored (a
+// running-statistics BatchNorm folded to scale/bias, then ReLU/ReLU6 or nothing).
+struct Affine {
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  float lo = 0.0f, hi = 0.0f;
+};
+
+template <class B>
+struct Finisher {
+  bool on = false;
+  typename B::T scale{}, bias{}, lo{}, hi{};
+
+  Finisher(const Affine* a, int64_t c0) {
+    if (!a) return;
+    on = true;
+    scale = B::Load(a->scale + c0);
+    bias = B::Load(a->bias + c0);
+    float l[B::kWidth], h[B::kWidth];
+    for (int64_t i = 0; i < B::kWidth; ++i) l[i] = a->lo, h[i] = a->hi;
+    lo = B::Load(l);
+    hi = B::Load(h);
+  }
+  // Comparisons keep NaN (as jnp.clip does).
+  typename B::T operator()(typename B::T v) const {
+    if (!on) return v;
+    v = v * scale + bias;
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+  }
+};
+
 template <class B>
 void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t n,
-                int64_t oh, int64_t c0) {
+                int64_t oh, int64_t c0, const Affine* affine) {
+  const Finisher<B> finish(affine, c0);
   int64_t ih0 = oh * g.sh - g.pt;
   int64_t i_lo = std::max<int64_t>(0, -ih0), i_hi = std::min(g.kh, g.h - ih0);
   const float* xn = x + n * g.h * g.w * g.c + c0;
@@ -88,7 +121,7 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
       const float* kr = k + i * g.kw * g.c + c0;
       for (int64_t j = j_lo; j < j_hi; ++j) acc += B::Load(xr + j * g.c) * B::Load(kr + j * g.c);
     }
-    B::Store(yr + ow * g.c, acc);
+    B::Store(yr + ow * g.c, finish(acc));
   };
   int64_t lo, hi;
   Interior(g, &lo, &hi);
@@ -110,7 +143,7 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
       }
     }
 #pragma GCC unroll 16
-    for (int t = 0; t < kTile; ++t) B::Store(yr + (ow + t) * g.c, acc[t]);
+    for (int t = 0; t < kTile; ++t) B::Store(yr + (ow + t) * g.c, finish(acc[t]));
   }
   for (; ow < g.wo; ++ow) edge(ow);
 }
@@ -175,8 +208,9 @@ ffi::Error CheckGeometry(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensio
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pl, const Affine* affine) {
   Geometry g;
   if (ffi::Error e = CheckGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
@@ -186,10 +220,28 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   float* yp = y->typed_data();
   auto body = [&](int64_t item, int) {
     int64_t n = item / g.ho, oh = item % g.ho;
-    ForEachBlock(g.c, [&](auto b, int64_t c0) { ForwardRow<decltype(b)>(g, xp, kp, yp, n, oh, c0); });
+    ForEachBlock(g.c, [&](auto b, int64_t c0) {
+      ForwardRow<decltype(b)>(g, xp, kp, yp, n, oh, c0, affine);
+    });
   };
   ParallelFor(pool, g.n * g.ho, g.n * g.ho, body);
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  return ForwardImpl(pool, x, k, y, sh, sw, pt, pl, nullptr);
+}
+
+ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                         int64_t pl, float lo, float hi) {
+  const size_t c = k.dimensions().back();
+  if (scale.element_count() != c || bias.element_count() != c)
+    return ffi::Error::InvalidArgument("depthwise affine: want scale and bias [C]");
+  Affine affine{scale.typed_data(), bias.typed_data(), lo, hi};
+  return ForwardImpl(pool, x, k, y, sh, sw, pt, pl, &affine);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -227,6 +279,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_forward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_forward_affine, ForwardAffine,
+                              WithStridesAndPadding(ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>())
+                                  .Attr<float>("lo")
+                                  .Attr<float>("hi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_backward, Backward,
                               WithStridesAndPadding(ffi::Ffi::Bind()
