@@ -47,7 +47,9 @@ def parse_args(argv=None):
                  help='comma-separated tljax model names; empty: microbenchmarks only')
   p.add_argument('--batch', type=int, default=None, help='default 32 (CPU), 128 (GPU)')
   p.add_argument('--iters', type=int, default=None, help='timed iterations (default 5 CPU, 20 GPU)')
-  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--warmup', type=int, default=3,
+                 help='untimed calls first (1 compiles; a big step block may be mapped twice before '
+                      'the allocator reuses it, see tljax/ops/csrc/hostalloc.c)')
   p.add_argument('--size', type=int, default=None, help='override every model\'s input size')
   p.add_argument('--dtypes', default=None, help='default float32 (CPU), bfloat16 (GPU)')
   p.add_argument('--frameworks', default='tljax,torch-eager,torch-compile,keras')
