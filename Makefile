@@ -44,7 +44,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_PY) -m tools.make_fixtures
 
 bench: $(REF_VENV)/.installed
-	$(REF_PY) -m experiments.benchmark
+	$(REF_PY) -m experiments.benchmark $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) workdirs

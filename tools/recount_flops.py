@@ -2,9 +2,11 @@
 
 GPU runs made before `bench_tljax` counted FLOPs on the lowered program took
 them from the compiled executable, where cuDNN convolutions are custom calls
-that XLA's cost analysis skips (MFU came out ~100x too low). The FLOP count
-depends only on the program (model, batch, input size), not on the device, so
-it can be recounted here; the JSON records that it was.
+that XLA's cost analysis skips (MFU came out ~100x too low); CPU runs with
+`--rounds` before the fix in `bench_tljax.run_model` kept the count of the
+C++-kernel lowering, whose convs are custom calls too. The FLOP count depends
+only on the program (model, batch, input size), not on the device, so it is
+recounted here on XLA's own conv path; the JSON records that it was.
 
   python -m tools.recount_flops gpu.json   # rewrites the file in place
 """
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_tljax
+from tljax.ops import conv as conv_ops
 
 
 def recount(path: str) -> None:
@@ -24,14 +27,14 @@ def recount(path: str) -> None:
   for row in result['models']:
     setup = bench_tljax.Setup(row['model'], batch=row['batch'], dtype=jnp.dtype(row['dtype']),
                               device=jax.devices('cpu')[0], size=row['input_size'])
-    _, _, lowered = setup.inference()
-    flops = bench_tljax._flops(lowered)
+    with conv_ops.conv_impl('xla'):
+      flops = bench_tljax._flops(setup.lower_inference()[0])
     print(f"{row['model']} {row['dtype']} batch {row['batch']}: "
           f"{(row.get('flops') or {}).get('inference')} -> {flops}")
     row.setdefault('flops', {})['inference'] = flops
-  note = ('forward FLOPs recounted from the lowered HLO on a CPU machine after the run '
-          '(`tools/recount_flops.py`): the run counted the compiled GPU executable, which skips '
-          'cuDNN convolutions')
+  note = ('forward FLOPs recounted from the lowered HLO (XLA convs) on a CPU machine after the '
+          'run (`tools/recount_flops.py`): the run counted a program whose convs are custom '
+          'calls (cuDNN on GPU, the C++ kernels on CPU), which XLA\'s cost analysis skips')
   result['meta'].setdefault('notes', [])
   if note not in result['meta']['notes']:
     result['meta']['notes'].append(note)
