@@ -27,7 +27,8 @@ def run_model(name: str, *, batch: int, size: int, dtype: str, modes_to_run, ite
     raise RuntimeError(f'Keras backend is {keras.backend.backend()!r}; set KERAS_BACKEND=jax '
                        'before anything imports keras.')
   if name not in KERAS_MODELS:
-    raise KeyError(f'keras.applications has no {name!r}')
+    raise KeyError(f'no keras.applications model matches {name!r} (compared: '
+                   f'{", ".join(KERAS_MODELS)}; Keras\' MobileNetV3 differs from torchvision\'s)')
   keras.mixed_precision.set_global_policy('mixed_bfloat16' if dtype == 'bfloat16' else 'float32')
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)

@@ -8,6 +8,7 @@ checkpoint) in subprocesses and requires bit-identical final parameters.
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,19 @@ def test_phases_run_in_sequence_and_outputs_describe_the_run(reference_run):
   assert json.load(open(os.path.join(workdir, 'config.json')))['phases'][1]['trainable'] == 'all'
   table = open(os.path.join(workdir, 'summary.md')).read()
   assert '| head | head | 2 |' in table and 'class_2' in table
+
+
+def test_rerunning_a_finished_workdir_gives_the_same_summary(reference_run, tmp_path):
+  """The last checkpoint of a finished run restores to the same summary without training."""
+  config, _, workdir, summary = reference_run
+  copy = str(tmp_path / 'again')
+  shutil.copytree(workdir, copy)
+  again = train.train_and_evaluate(config, copy)
+  assert again['step'] == summary['step']
+  for before, after in zip(summary['phases'], again['phases']):
+    assert {k: v for k, v in before.items() if k != 'seconds'} == {
+        k: v for k, v in after.items() if k != 'seconds'}
+  assert '| head | head | 2 |' in open(os.path.join(copy, 'summary.md')).read()
 
 
 def test_restore_then_eval_reproduces_final_metrics(reference_run):

@@ -218,6 +218,9 @@ class _Run:
     record = meta['phases'].setdefault(phase.name, {'seconds': 0.0})
     start_time = time.time() - record['seconds']
     cached = self._can_cache(phase, labels)
+    # Before any checkpoint of the phase: a finished run re-run from its last one needs it.
+    record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
+                  trainable_params=counts['trainable'], frozen_params=counts['frozen'])
     fns = steps.build_steps(self.model, tx=tx, labels=labels,
                             train_transform=self._train_transform(phase),
                             eval_transform=self.eval_tf, loss_kind=config.loss.kind,
@@ -309,8 +312,6 @@ class _Run:
       self._save(rstate, meta)
       if self._sigterm:
         raise Preempted(f'SIGTERM: saved step {meta["step"]}; re-run the same command to resume.')
-    record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
-                  trainable_params=counts['trainable'], frozen_params=counts['frozen'])
     return _unreplicate_state(rstate)
 
   def _precise_bn(self, fn, rstate, n_batches: int, data_epoch: int):
@@ -407,8 +408,9 @@ class _Run:
     config = self.config
     phases = []
     for p in config.phases:
-      if p.name in meta['phases']:
-        phases.append({'name': p.name, **meta['phases'][p.name]})
+      if p.name in meta['phases']:   # config values for checkpoints written before they were kept
+        phases.append({'name': p.name, 'trainable': p.trainable, 'epochs': p.epochs,
+                       **meta['phases'][p.name]})
     last = phases[-1] if phases else {}
     final = {s: last[s] for s in ('val', 'test') if s in last}
     summary = {'title': f'{config.model.name} on {config.data.source} {config.data.name}'.strip(),
