@@ -23,7 +23,6 @@ finish its tiles while they are in registers: sum them for training BatchNorm
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +194,6 @@ def _bn_act_reference(x, kernel, mean, var, scale, bias, residual, strides, pads
   return jnp.maximum(y, 0.0) if relu else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _bn_act(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
   """Evaluated (no gradient taken): one C++ pass. Differentiated: the unfused form."""
   out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
@@ -211,19 +209,7 @@ def _bn_act(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, rel
 
   def reference(*args):
     return _bn_act_reference(*args, strides, pads, eps, relu)
-  return native.dispatch(fast, reference, x, kernel, mean, var, scale, bias, residual)
-
-
-def _bn_act_fwd(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
-  return jax.vjp(lambda *a: _bn_act_reference(*a, strides, pads, eps, relu),
-                 x, kernel, mean, var, scale, bias, residual)
-
-
-def _bn_act_bwd(strides, pads, eps, relu, vjp, ct):
-  return vjp(ct)
-
-
-_bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
+  return native.fused_inference(fast, reference, x, kernel, mean, var, scale, bias, residual)
 
 
 def dense_conv2d_bn_act(x, kernel, strides: tuple[int, int], pads: Pads, *, mean, var, scale,

@@ -231,7 +231,6 @@ def _bn_act_reference(x, kernel, mean, var, scale, bias, strides, pads, eps, cli
   return y if clip is None else jnp.clip(y, *clip)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _bn_act(x, kernel, mean, var, scale, bias, strides, pads, eps, clip):
   """Evaluated (no gradient taken): one C++ pass. Differentiated: the unfused form."""
   g = _geometry(x, kernel, strides, pads)
@@ -246,19 +245,7 @@ def _bn_act(x, kernel, mean, var, scale, bias, strides, pads, eps, clip):
 
   def reference(*args):
     return _bn_act_reference(*args, strides, pads, eps, clip)
-  return native.dispatch(fast, reference, x, kernel, mean, var, scale, bias)
-
-
-def _bn_act_fwd(x, kernel, mean, var, scale, bias, strides, pads, eps, clip):
-  return jax.vjp(lambda *a: _bn_act_reference(*a, strides, pads, eps, clip),
-                 x, kernel, mean, var, scale, bias)
-
-
-def _bn_act_bwd(strides, pads, eps, clip, vjp, ct):
-  return vjp(ct)
-
-
-_bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
+  return native.fused_inference(fast, reference, x, kernel, mean, var, scale, bias)
 
 
 def depthwise_conv2d_bn_act(x, kernel, strides: tuple[int, int], pads: Pads, *, mean, var,

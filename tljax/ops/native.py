@@ -162,6 +162,19 @@ def dispatch(native_fn, fallback_fn, *args):
   return lax.platform_dependent(*args, cpu=native_fn, default=fallback_fn)
 
 
+def fused_inference(fast, reference, *args):
+  """`dispatch(fast, reference, *args)` whose gradient is always `reference`'s.
+
+  For kernels that fuse an inference epilogue (folded BatchNorm, residual,
+  activation) into a conv's output pass: evaluated, one C++ call; differentiated
+  (fine-tuning with frozen statistics), exactly the unfused formula's gradient,
+  with no backward kernel of their own.
+  """
+  fn = jax.custom_vjp(lambda *a: dispatch(fast, reference, *a))
+  fn.defvjp(lambda *a: jax.vjp(reference, *a), lambda vjp, ct: vjp(ct))
+  return fn(*args)
+
+
 def call(target: str, results, *args, **attrs):
   """Calls one of the C++ kernels; integer attributes go to it as int64, floats as float32.
 
