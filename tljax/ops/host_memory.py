@@ -79,14 +79,11 @@ def block_cache_library(environ: Mapping[str, str] | None = None) -> str | None:
   None without a warning where it does not apply: not glibc, or
   TLJAX_HOST_BLOCK_CACHE=0 in `environ`.
   """
-  env = os.environ if environ is None else environ
-  value = env.get('TLJAX_HOST_BLOCK_CACHE', '1').strip().lower()
-  if value not in ('0', '1', 'false', 'true', 'off', 'on'):
-    raise ValueError(f'TLJAX_HOST_BLOCK_CACHE={value!r}: use 1 (preload the huge-block cache) '
-                     'or 0 (glibc only).')
-  if value in ('0', 'false', 'off') or not _is_glibc_linux():
-    return None
   from tljax.ops import native
+  env = os.environ if environ is None else environ
+  if (not native.switch(env, 'TLJAX_HOST_BLOCK_CACHE', 'preload the huge-block cache',
+                        'glibc only') or not _is_glibc_linux()):
+    return None
   try:
     return str(native.host_allocator())
   except (OSError, RuntimeError) as e:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from typing import Mapping
 
 import jax
 from jax import lax
@@ -32,18 +33,23 @@ import numpy as np
 SOURCES = ('depthwise.cc', 'conv.cc', 'batchnorm.cc')
 HEADERS = ('common.h', 'parallel.h')
 TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_forward_affine', 'tljax_depthwise_backward',
-           'tljax_conv_forward', 'tljax_conv_forward_stats', 'tljax_conv_forward_affine', 'tljax_conv_kernel_grad',
-           'tljax_batchnorm_sums')
+           'tljax_conv_forward', 'tljax_conv_forward_stats', 'tljax_conv_forward_affine',
+           'tljax_conv_kernel_grad', 'tljax_batchnorm_sums')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
 _CSRC = pathlib.Path(__file__).with_name('csrc')
 
 
-def enabled() -> bool:
-  value = os.environ.get('TLJAX_NATIVE', '1').strip().lower()
+def switch(environ: Mapping[str, str], name: str, on: str, off: str) -> bool:
+  """An on/off environment variable (default on); any other value is an error naming both."""
+  value = environ.get(name, '1').strip().lower()
   if value not in ('0', '1', 'false', 'true', 'off', 'on'):
-    raise ValueError(f'TLJAX_NATIVE={value!r}: use 1 (compile and use the C++ CPU kernels) '
-                     'or 0 (pure-JAX paths only).')
+    raise ValueError(f'{name}={value!r}: use 1 ({on}) or 0 ({off}).')
   return value in ('1', 'true', 'on')
+
+
+def enabled() -> bool:
+  return switch(os.environ, 'TLJAX_NATIVE', 'compile and use the C++ CPU kernels',
+                'pure-JAX paths only')
 
 
 def cache_dir() -> pathlib.Path:
