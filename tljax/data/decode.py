@@ -38,6 +38,25 @@ class Decoded:
 
 _EXIF_ORIENTATION = 0x0112
 
+# PIL's decompression-bomb warning threshold (about 89.5 megapixels), fixed here
+# so that changing PIL's global cannot make training and prediction disagree.
+MAX_PIXELS = 89_478_485
+
+
+def size_error(img: Image.Image) -> str | None:
+  """Why an opened (not yet loaded) image is refused for its size, or None.
+
+  Training skips such files and `tljax.predict` refuses them with this same
+  check, so a file means the same thing to both; the header alone decides,
+  so a 144-megapixel file costs nothing to reject.
+  """
+  w, h = img.size
+  if w * h <= MAX_PIXELS:
+    return None
+  return (f'too large to decode safely: {w}x{h} = {w * h / 1e6:.0f} megapixels, over the '
+          f'{MAX_PIXELS / 1e6:.1f}-megapixel limit (tljax.data.decode.MAX_PIXELS); '
+          'downscale the image')
+
 
 def to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
   """Any PIL mode → 8-bit RGB, compositing alpha over white."""
@@ -106,8 +125,11 @@ def decode(source: str | bytes, size: int, geometry: str = 'shorter', *,
         return Decoded(error='empty file (0 bytes)')
       fh = io.BytesIO(source)
     with fh, warnings.catch_warnings():
-      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
       img = Image.open(fh)
+      too_large = size_error(img)
+      if too_large:
+        return Decoded(error=too_large)
       expected = _EXTENSION_FORMATS.get(os.path.splitext(name)[1].lower())
       if expected and img.format and img.format != expected and not (
           expected == 'PPM' and img.format in ('PPM', 'PGM')):
@@ -130,7 +152,7 @@ def decode(source: str | bytes, size: int, geometry: str = 'shorter', *,
     return Decoded(error=f'file vanished: {e}')
   except Image.UnidentifiedImageError:
     return Decoded(error='not a decodable image (unknown or corrupt format)')
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+  except Image.DecompressionBombError as e:
     return Decoded(error=f'too large to decode safely: {e}')
   except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
     reason = 'truncated' if 'truncated' in str(e).lower() else 'corrupt'
