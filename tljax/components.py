@@ -73,6 +73,21 @@ def num_outputs(config, num_classes: int) -> int:
   return num_classes
 
 
+def check_pretrained_arch(meta: dict, arch: str, path: str) -> None:
+  """One-line ValueError when weights were made for another architecture.
+
+  Loading them anyway ends in a Flax/merge error listing hundreds of
+  parameter paths, which hides the one-word cause.
+  """
+  if meta.get('arch') in (None, arch):
+    return
+  from tljax.porting.weights_io import METADATA_FILE
+  raise ValueError(f"pretrained weights in {path} are for arch {meta['arch']!r} (its "
+                   f"{METADATA_FILE}) but model.name is {arch!r}; set "
+                   f"--config.model.name={meta['arch']}, or point --config.pretrained.path at "
+                   f"{arch} weights (`python -m tljax.port --arch={arch} ...`).")
+
+
 def pretrained_weights(config) -> tuple[dict | None, dict | None]:
   """(variables, metadata) of the configured pretrained weights, or (None, None)."""
   src = config.pretrained.source
@@ -81,9 +96,7 @@ def pretrained_weights(config) -> tuple[dict | None, dict | None]:
   if src == 'dir':
     from tljax.porting import weights_io
     variables, meta = weights_io.load_weights(config.pretrained.path)
-    if meta.get('arch') not in (None, config.model.name):
-      logging.warning('pretrained weights are for %s, the model is %s', meta['arch'],
-                      config.model.name)
+    check_pretrained_arch(meta, config.model.name, config.pretrained.path)
     return variables, meta
   from tljax.porting import efficientnet_lite as effnet
   arch = config.model.name

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,10 +23,10 @@ from absl import app, flags, logging
 from PIL import Image, ImageOps
 
 from tljax import labels as labels_lib
-from tljax.data.decode import to_rgb
+from tljax.data.decode import size_error, to_rgb
 from tljax.data.preprocess import Preprocessing, resize_and_crop
 from tljax.porting import weights_io
-from tljax.porting.merge import PortError
+from tljax.porting.merge import PortError, flatten
 
 BATCH = 16
 
@@ -50,7 +51,66 @@ def load_for_inference(path: str):
                     'create one with `python -m tljax.port --source=... --arch=... --output=DIR`.')
   model = models.create(meta['arch'], int(meta['num_classes']), head=meta.get('head'),
                         **meta.get('arch_kw', {}))
+  check_fits(path, model, variables, meta)
   return model, variables, meta
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {k: tuple(np.shape(v)) for k, v in flatten(tree).items()}
+
+
+def _model_shapes(model, input_size: int) -> dict[str, tuple]:
+  """Variable shapes of `model`, traced abstractly (nothing is computed or compiled)."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+  return _shapes(jax.eval_shape(model.init, jax.random.key(0), x))
+
+
+def _fitting_arch(shapes: dict, meta: dict, input_size: int) -> str | None:
+  """The registered arch whose variables have exactly `shapes`, if one does.
+
+  Only run once the named arch has failed, to turn "does not fit" into
+  "these are X's weights"; a few seconds of abstract tracing at most.
+  """
+  from tljax import models
+  for name in models.NAMES:
+    if name == meta['arch']:
+      continue
+    try:
+      candidate = models.create(name, int(meta['num_classes']), head=meta.get('head'))
+      if _model_shapes(candidate, input_size) == shapes:
+        return name
+    except Exception:  # noqa: BLE001 - an arch that cannot take this head or size is no match
+      continue
+  return None
+
+
+def check_fits(path: str, model, variables: dict, meta: dict) -> None:
+  """Raises a one-line PortError when the weights are not the metadata's arch.
+
+  Without it a wrong `arch` in metadata.json surfaces as a Flax scope
+  traceback from inside the first forward pass.
+  """
+  input_size = int(meta['preprocessing'].get('input_size', 224))
+  expected, got = _model_shapes(model, input_size), _shapes(variables)
+  if expected == got:
+    return
+  missing = sorted(set(expected) - set(got))
+  unexpected = sorted(set(got) - set(expected))
+  reshaped = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+  example = (missing or unexpected or reshaped)[0]
+  problem = (f'{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} mis-shaped '
+             f'entries, e.g. {example}')
+  arch, where = meta['arch'], os.path.join(path, weights_io.METADATA_FILE)
+  actual = _fitting_arch(got, meta, input_size)
+  if actual:
+    raise PortError(f'the weights are {actual!r} weights but {where} says arch {arch!r} '
+                    f'({problem}); set "arch": "{actual}" in it, or re-export/re-port the '
+                    f'{arch} weights.')
+  raise PortError(f'the weights do not fit arch {arch!r} named in {where} ({problem}); fix "arch" '
+                  '(and "num_classes", "head", "arch_kw") there, or re-port the weights with '
+                  '`python -m tljax.port --arch=...`.')
 
 
 def decode_image(path: str) -> Image.Image:
@@ -59,21 +119,36 @@ def decode_image(path: str) -> Image.Image:
   Mode conversion is the training pipeline's (`tljax.data.decode`), so a file
   means the same pixels in training and prediction: alpha is composited onto
   white (not dropped), 16-bit images are scaled to 8 bits, CMYK/palette/
-  grayscale become RGB.
+  grayscale become RGB. The size limit is the training decoder's too
+  (`tljax.data.decode.size_error`), so a file training skips is refused here.
   """
   try:
-    with Image.open(path) as image:
-      image.load()
-      return to_rgb(ImageOps.exif_transpose(image), [])
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        too_large = size_error(image)
+        if too_large:
+          raise ImageError(f'{path}: {too_large} (training skips images this large too)')
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image), [])
+  except ImageError:
+    raise
   except FileNotFoundError:
-    raise ImageError(f'{path}: no such file') from None
+    raise ImageError(f'{path}: no such file; check the path') from None
   except IsADirectoryError:
-    raise ImageError(f'{path}: is a directory, not an image file') from None
+    raise ImageError(f'{path}: is a directory, not an image file; pass image files, one '
+                     '--image each') from None
+  except PermissionError:
+    raise ImageError(f'{path}: permission denied; make the file readable') from None
   except Image.UnidentifiedImageError:
-    raise ImageError(f'{path}: not an image file (unrecognised format)') from None
-  except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    raise ImageError(f'{path}: not an image file (unrecognised format); pass a JPEG, PNG, '
+                     'BMP, GIF, TIFF or WebP file') from None
+  except Image.DecompressionBombError as e:
+    raise ImageError(f'{path}: too large to decode safely ({e}); downscale the image') from None
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
     detail = ' '.join(str(e).split()) or type(e).__name__
-    raise ImageError(f'{path}: corrupt or truncated image ({detail})') from None
+    raise ImageError(f'{path}: corrupt or truncated image ({detail}); re-download or '
+                     're-save the file') from None
 
 
 def prepare(image: Image.Image, spec: Preprocessing) -> np.ndarray:
@@ -98,6 +173,16 @@ def _forward():
   return jax.jit(lambda model, v, x: model.apply(v, x, train=False), static_argnums=0)
 
 
+def _forward_for(model):
+  """The shared forward, or a private one for modules that cannot be hashed (list fields)."""
+  try:
+    hash(model)
+  except TypeError:
+    import jax
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return functools.partial(_forward(), model)
+
+
 class Predictor:
   """A model, its variables and metadata; batches are padded to powers of two (few compiles)."""
 
@@ -106,7 +191,7 @@ class Predictor:
     self.metadata = metadata
     self.spec = Preprocessing.from_json(metadata['preprocessing'])
     self.names = labels_lib.resolve(metadata.get('labels'), int(metadata['num_classes']))
-    self._model = model
+    self._apply = _forward_for(model)
     self._variables = jax.device_put(variables)
 
   def logits(self, inputs: np.ndarray) -> np.ndarray:
@@ -115,17 +200,23 @@ class Predictor:
       chunk = inputs[start:start + BATCH]
       padded = np.zeros((1 << (len(chunk) - 1).bit_length(),) + chunk.shape[1:], np.float32)
       padded[:len(chunk)] = chunk
-      out.append(np.asarray(_forward()(self._model, self._variables, padded))[:len(chunk)])
+      out.append(np.asarray(self._apply(self._variables, padded))[:len(chunk)])
     return np.concatenate(out)
 
   def top_k(self, logits: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+    """Best k classes per row; a non-finite probability is None (JSON null), sorted last."""
     probs = probabilities(logits)
     k = min(k, probs.shape[-1])
-    return [[{'index': int(j), 'label': self.names[j], 'probability': float(row[j])}
+    return [[{'index': int(j), 'label': self.names[j],
+              'probability': float(row[j]) if np.isfinite(row[j]) else None}
              for j in np.argsort(-row, kind='stable')[:k]] for row in probs]
 
   def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
-    """One result per path, in order: {'image', 'predictions'} or {'image', 'error'}."""
+    """One result per path, in order: {'image', 'predictions', 'non_finite'} or {'image', 'error'}.
+
+    `non_finite` is True when any logit or probability of the image is NaN or
+    infinite: the weights produced garbage, and its probabilities are null.
+    """
     results, inputs, slots = [], [], []
     for path in paths:
       try:
@@ -135,9 +226,17 @@ class Predictor:
       except ImageError as e:
         results.append({'image': path, 'error': str(e)})
     if inputs:
-      for slot, preds in zip(slots, self.top_k(self.logits(np.stack(inputs)), k)):
+      logits = self.logits(np.stack(inputs))
+      with np.errstate(all='ignore'):
+        finite = np.isfinite(logits).all(-1) & np.isfinite(probabilities(logits)).all(-1)
+      for slot, preds, ok in zip(slots, self.top_k(logits, k), finite):
         results[slot]['predictions'] = preds
+        results[slot]['non_finite'] = not ok
     return results
+
+
+def _probability(p: float | None) -> str:
+  return f'{p:8.4f}' if p is not None else '     nan'
 
 
 def format_text(results: list[dict[str, Any]]) -> str:
@@ -145,7 +244,7 @@ def format_text(results: list[dict[str, Any]]) -> str:
   for r in results:
     if 'predictions' in r:
       lines.append(r['image'])
-      lines.extend(f'  {p["probability"]:8.4f}  {p["label"]} ({p["index"]})'
+      lines.extend(f'  {_probability(p["probability"])}  {p["label"]} ({p["index"]})'
                    for p in r['predictions'])
   return '\n'.join(lines)
 
@@ -158,35 +257,62 @@ flags.DEFINE_bool('json', False, 'Print one JSON document instead of text.')
 
 
 def run(weights: str, images: Sequence[str], topk: int = 5, as_json: bool = False) -> int:
-  """Prints predictions; returns the exit status (1 if any image or the weights failed)."""
+  """Prints predictions; returns the exit status.
+
+  1 if the weights cannot be loaded, any image failed, or the model's
+  output is not finite (each with one `error:` line on stderr). The JSON is
+  strict (`allow_nan=False`): non-finite probabilities are already null.
+  """
   try:
     predictor = Predictor(*load_for_inference(weights))
-  except (PortError, ValueError, OSError) as e:
-    print(f'error: cannot load weights {weights}: {e}', file=sys.stderr)
+  except (PortError, ValueError, TypeError, KeyError, OSError) as e:
+    detail = ' '.join(str(e).split()) or type(e).__name__
+    print(f'error: cannot load weights {weights}: {detail}', file=sys.stderr)
     return 1
   results = predictor.predict_files(images, topk)
   for r in results:
     if 'error' in r:
       print(f'error: {r["error"]}', file=sys.stderr)
+  non_finite = sum(bool(r.get('non_finite')) for r in results)
+  if non_finite:
+    print(f'error: the weights in {weights} give non-finite (NaN/inf) outputs for {non_finite} of '
+          f'{sum("predictions" in r for r in results)} images: they diverged in training or are '
+          'corrupt; retrain with a lower learning rate (the training log shows where the loss '
+          'became NaN) or re-export/re-port them.', file=sys.stderr)
   if as_json:
     print(json.dumps({'weights': weights, 'arch': predictor.metadata['arch'], 'results': results},
-                     indent=2))
+                     indent=2, allow_nan=False))
   else:
     print(format_text(results))
-  return 1 if any('error' in r for r in results) else 0
+  return 1 if non_finite or any('error' in r for r in results) else 0
+
+
+def _usage(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+  """absl parsing with a bad flag reported as one `error:` line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _usage(f'{e}; usage: python -m tljax.predict --weights=DIR --image=PATH [--image=...] '
+           '[--topk=5] [--json]')
+  return []
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; images go in --image=PATH.')
+    _usage(f'unexpected arguments {argv[1:]}; images go in --image=PATH.')
   if not FLAGS.weights or not FLAGS.image:
-    raise app.UsageError('need --weights=DIR and at least one --image=PATH.')
+    _usage('need --weights=DIR and at least one --image=PATH.')
   if FLAGS.topk < 1:
-    raise app.UsageError('--topk must be >= 1.')
+    _usage('--topk must be >= 1.')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # keep stderr to one line per failed file
   sys.exit(run(FLAGS.weights, FLAGS.image, FLAGS.topk, FLAGS.json))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse)
