@@ -51,19 +51,22 @@ struct Lane {
 struct Geometry {
   int64_t n, h, w, c, kh, kw, sh, sw, pt, pl, ho, wo;
 
-  // Output columns [lo, hi) whose tap j reads an input column inside the image.
+  // Output columns [lo, hi) whose tap j reads an input column inside the image;
+  // 0 <= lo <= hi <= wo, even when the padding or the kernel is wider than the image.
   void Columns(int64_t j, int64_t* lo, int64_t* hi) const {
     int64_t first = pl - j;  // ow * sw >= first
-    *lo = first > 0 ? (first + sw - 1) / sw : 0;
+    *lo = std::min(wo, first > 0 ? (first + sw - 1) / sw : 0);
     int64_t last = w - 1 + pl - j;  // ow * sw <= last
     *hi = last < 0 ? 0 : std::min(wo, last / sw + 1);
     if (*hi < *lo) *hi = *lo;
   }
 };
 
-// Output columns [lo, hi) whose whole window lies inside the image (no bounds checks needed).
+// Output columns [lo, hi) whose whole window lies inside the image (no bounds checks needed);
+// 0 <= lo <= hi <= wo: columns left of lo are edge columns, and with a left padding wider
+// than the output row (a 1-pixel map under a 5x5 kernel) that is all of them, not more.
 inline void Interior(const Geometry& g, int64_t* lo, int64_t* hi) {
-  *lo = (g.pl + g.sw - 1) / g.sw;
+  *lo = std::min(g.wo, (g.pl + g.sw - 1) / g.sw);
   int64_t last = g.w - g.kw + g.pl;
   *hi = last < 0 ? 0 : std::min(g.wo, last / g.sw + 1);
   if (*hi < *lo) *hi = *lo;
