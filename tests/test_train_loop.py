@@ -179,7 +179,7 @@ def test_resume_after_sigterm_sigkill_and_corruption_is_bit_identical(reference_
     assert np.asarray(value).tobytes() == np.asarray(flat_final[key]).tobytes(), key
   ref_lines = [json.loads(l) for l in open(os.path.join(reference, 'metrics.jsonl'))]
   new_lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  assert [(r['kind'], r['step']) for r in new_lines] == [(r['kind'], r['step']) for r in ref_lines]
+  assert new_lines == ref_lines   # the partial metric window is carried by the checkpoint
 
 
 def test_cached_head_phase_matches_recomputing_backbone(reference_run, tmp_path):

@@ -9,6 +9,7 @@ are touched, so a typo in a launch flag costs a second, not an epoch.
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import ml_collections
@@ -198,6 +199,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('phases', names, 'phase names must be unique')
   for i, p in enumerate(c.phases):
     _validate_phase(f'phases[{i}]', p)
+  if all(p.epochs == 0 for p in c.phases):
+    _fail('phases[*].epochs', [p.epochs for p in c.phases],
+          'at least one phase must train (epochs >= 1); the run would export untrained weights')
   if c.checkpoint.every_steps < 0 or c.checkpoint.keep < 1:
     _fail('checkpoint', (c.checkpoint.every_steps, c.checkpoint.keep),
           'need every_steps >= 0 and keep >= 1')
@@ -233,6 +237,10 @@ def _validate_phase(where: str, p) -> None:
   _choice(f'{where}.optimizer', p.optimizer, OPTIMIZERS)
   _choice(f'{where}.schedule', p.schedule, SCHEDULES)
   _choice(f'{where}.bn', p.bn, BN_POLICIES)
+  for field in ('lr', 'momentum', 'b1', 'b2', 'eps', 'rmsprop_decay', 'weight_decay',
+                'warmup_epochs', 'end_lr_factor', 'grad_clip'):
+    if not math.isfinite(float(p[field])):
+      _fail(f'{where}.{field}', p[field], 'expected a finite number')
   if not p.lr > 0:
     _fail(f'{where}.lr', p.lr, 'expected > 0')
   for field in ('weight_decay', 'warmup_epochs', 'grad_clip', 'momentum', 'cache_views',

@@ -7,7 +7,6 @@ the dataset size and device count.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -103,7 +102,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   if jax.process_index() != 0:
     return result
   with open(os.path.join(workdir, f'eval_{split}.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+    f.write(report.dumps(result, indent=2))
   report.plot_confusion(workdir, f'eval_{split}', np.asarray(result['confusion']), class_names)
   top5 = f'top-5 {100 * result["top5"]:.2f}%  ' if result['top5'] is not None else ''
   print(f'{split} ({config.eval.checkpoint} checkpoint, step {meta.get("step")}): '

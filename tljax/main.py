@@ -27,6 +27,11 @@ enough (JAX detects the cluster); JAX_COORDINATOR_ADDRESS also replaces the flag
 
 from __future__ import annotations
 
+import errno
+import logging as pylogging
+import os
+import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -48,17 +53,25 @@ flags.DEFINE_bool('tune_malloc', True, 'Keep freed host memory in the process (g
 
 
 def _parse(argv: list[str]) -> list[str]:
-  """absl flag parsing, with unknown config keys reported as a one-line fix, not a traceback."""
+  """absl flag parsing; a bad config file or override is one line naming it and the fix."""
+  overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _usage(str(e))
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError):
+      _usage(_config_file_error(argv))
+    _usage(_last_line(e))
+  except OSError:
+    _usage(_config_file_error(argv))
+  except IndexError as e:
+    _usage(f'config override {overrides} indexes past the end of a tuple ({e}); e.g. '
+           '--config.phases[i] needs i < the number of phases in the config file.')
   except (AttributeError, KeyError) as e:
-    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    _usage(f'unknown config key in {bad}: {e}. Every --config.<path> must name an existing '
+    _usage(f'unknown config key in {overrides}: {e}. Every --config.<path> must name an existing '
            'field of the config file (the config is locked; see its get_config()).')
   except (TypeError, ValueError) as e:
-    _usage(f'invalid config override: {e}')
+    _usage(f'invalid config: {e}')
   return []
 
 
@@ -67,24 +80,59 @@ def _usage(message: str) -> None:
   sys.exit(2)
 
 
+def _last_line(e: Exception) -> str:
+  """The innermost message of an error that ml_collections wrapped around a traceback."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _config_file_error(argv: list[str]) -> str:
+  spec = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), '')
+  path = spec.split(':', 1)[0]
+  if not os.path.isfile(path):
+    return (f'config file {path!r} does not exist; pass --config=configs/<recipe>.py[:tiny] '
+            f'(recipes: {", ".join(sorted(_recipes()))}).')
+  return f'config file {path!r} could not be loaded; run `python {path}` to see why.'
+
+
+def _recipes() -> list[str]:
+  here = os.path.join(os.getcwd(), 'configs')
+  return [f for f in os.listdir(here) if f.endswith('.py')] if os.path.isdir(here) else []
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _usage(f'unexpected arguments {argv[1:]}; options are --config, --workdir, --mode, '
            '--distributed (+ --coordinator_address, --num_processes, --process_id), --config.*')
-  if _CONFIG.value is None or not FLAGS.workdir:
+  if FLAGS['config'].value is None or not FLAGS.workdir:
     _usage('need --config=configs/<name>.py and --workdir=DIR')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
-  config = _CONFIG.value
+  logging.get_absl_handler().addFilter(_BackgroundErrors(FLAGS.workdir))
   from tljax.config import validate
   try:
+    config = _CONFIG.value
     validate(config)
+  except OSError:   # ml_collections defers a missing config file's error to first use
+    _usage(_config_file_error(sys.argv))
   except ValueError as e:
     _usage(str(e))
   if FLAGS.tune_malloc:
     from tljax.ops import host_memory
     host_memory.reexec_with_tuned_allocator()   # returns at once if applied or not glibc
   _init_distributed()
+  try:
+    _run_mode(config)
+  except OSError as e:
+    _fail(_os_error(e))
+  except ValueError as e:   # tensorstore (orbax's writer) reports OS errors as ValueError text
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if not code:
+      raise
+    _fail(_os_error(OSError(int(code.group(1)), os.strerror(int(code.group(1))))))
+
+
+def _run_mode(config) -> None:
   if FLAGS.mode == 'train':
     from tljax import train
     try:
@@ -92,16 +140,62 @@ def main(argv: list[str]) -> None:
     except train.Preempted as e:
       print(str(e), file=sys.stderr)
       sys.exit(143)
+    except train.Diverged as e:
+      _fail(str(e))
   elif FLAGS.mode == 'eval':
     from tljax import evaluate
     evaluate.evaluate(config, FLAGS.workdir)
   else:
-    import os
     from tljax import predict
     if not config.predict.images:
       _usage("--mode=predict needs --config.predict.images=\"('a.jpg', 'b.jpg')\"")
     sys.exit(predict.run(os.path.join(FLAGS.workdir, 'export'), list(config.predict.images),
                          config.predict.top_k))
+
+
+class _BackgroundErrors(pylogging.Filter):
+  """Moves orbax's and asyncio's error tracebacks from stderr to `<workdir>/errors.log`.
+
+  A failed checkpoint write (a full disk) makes every background writer log
+  its own traceback, hundreds in all; the loop re-raises the first failure
+  and `main` prints it as one line, so the rest is kept for whoever digs.
+  """
+
+  def __init__(self, workdir: str):
+    super().__init__()
+    self._path = os.path.join(workdir, 'errors.log')
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.levelno < pylogging.ERROR or not (
+        '/orbax/' in record.pathname or record.name.startswith('asyncio')):
+      return True
+    try:
+      with open(self._path, 'a') as f:
+        f.write(pylogging.Formatter().format(record) + '\n')
+    except OSError:
+      pass
+    return False
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _os_error(e: OSError) -> str:
+  where = e.filename or FLAGS.workdir
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return (f'no space left on the device holding {where}; free space or use another --workdir '
+            '(earlier checkpoints are intact; re-running the same command resumes).')
+  if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return (f'cannot write {where} ({e.strerror}); choose a writable --workdir.')
+  return f'{e.strerror or e} ({where})'
+
+
+def _stopped_early(signum, frame) -> None:
+  print('SIGTERM before training started: nothing to save; re-run the same command to resume.',
+        file=sys.stderr)
+  sys.exit(143)
 
 
 def _init_distributed() -> None:
@@ -119,6 +213,7 @@ def _init_distributed() -> None:
 
 
 def run() -> None:
+  signal.signal(signal.SIGTERM, _stopped_early)   # the training loop installs its own
   app.run(main, flags_parser=_parse)
 
 

@@ -9,6 +9,7 @@ resume the log is truncated back to the checkpoint's line count.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -21,13 +22,40 @@ SUMMARY_JSON = 'summary.json'
 
 
 def jsonable(x):
+  """Plain JSON values; NaN and ±inf become None (use `strict_record` to flag them).
+
+  Python's json writes NaN/Infinity, which no strict JSON parser reads, so a
+  diverged run must not be able to put them in a workdir's files.
+  """
   if isinstance(x, dict):
     return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [jsonable(v) for v in x]
   if isinstance(x, (np.generic, np.ndarray)):
-    return x.tolist()
+    return jsonable(x.tolist())
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
   return x
+
+
+def nonfinite_fields(record: Mapping[str, Any]) -> list[str]:
+  """Top-level numeric fields holding NaN or ±inf."""
+  return sorted(k for k, v in record.items()
+                if isinstance(v, (float, np.floating)) and not math.isfinite(float(v)))
+
+
+def strict_record(record: Mapping[str, Any]) -> dict:
+  """`jsonable(record)`, plus `nonfinite: [fields]` when any top-level value was NaN or ±inf."""
+  bad = nonfinite_fields(record)
+  out = jsonable(dict(record))
+  if bad:
+    out['nonfinite'] = bad
+  return out
+
+
+def dumps(x, **kw) -> str:
+  """Strict JSON text (raises rather than writing NaN)."""
+  return json.dumps(jsonable(x), allow_nan=False, **kw)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -73,17 +101,17 @@ class Reporter:
       self.lines = lines
       return
     with open(self._path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
+      f.writelines(dumps(r) + '\n' for r in records)
     self.lines = len(records)
 
   def log(self, record: Mapping[str, Any]) -> None:
     """One JSON line; numeric fields also go to TensorBoard as '<kind>/<field>'."""
-    record = jsonable(dict(record))
+    record = strict_record(record)
     if not self._write:
       self.lines += 1
       return
     with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(dumps(record) + '\n')
     self.lines += 1
     if self._tb is not None:
       for key, value in record.items():
@@ -203,7 +231,7 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
     f.write(text)
   with open(os.path.join(workdir, SUMMARY_JSON), 'w') as f:
-    json.dump(jsonable(dict(summary)), f, indent=2)
+    f.write(dumps(dict(summary), indent=2))
   return text
 
 

@@ -157,9 +157,22 @@ def train_step(state: TrainState, batch, cache=None, *, model, tx: optax.Gradien
     batch_stats = jax.lax.pmean(batch_stats, AXIS)
   accuracy = (predict_classes(logits, loss_kind) == batch['label']).mean()
   metrics = {'loss': jax.lax.pmean(loss, AXIS), 'accuracy': jax.lax.pmean(accuracy, AXIS)}
+  metrics['finite'] = all_finite((metrics['loss'], grads, new_trainable,
+                                  batch_stats if bn_train else ()))
   new_state = state.replace(params=optim.join(new_trainable, frozen), batch_stats=batch_stats,
                             opt_state=opt_state, step=state.step + 1)
   return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """1.0 when every value of every floating leaf is finite, else 0.0 (one reduction per leaf).
+
+  The loop reads this flag before it saves, evaluates or exports anything, so
+  a diverged step never becomes a checkpoint, a best model or an export.
+  """
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  return jnp.all(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.float32(1)
 
 
 def train_chunk(state: TrainState, batches, cache=None, **kw):

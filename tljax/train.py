@@ -3,19 +3,25 @@
 `train_and_evaluate(config, workdir)` runs the config's phases in sequence on
 every local device. Switching phase relabels the parameters and rebuilds the
 optimizer (fresh state for the new labels) while params and batch statistics
-carry over. The position (phase, epoch, step in epoch) is checkpointed with
-the state, and every random draw is a function of (seed, step), so a run
-killed at any point and restarted with the same command ends with the same
-bits as one that never stopped.
+carry over. The position (phase, epoch, step in epoch, the train metrics not
+yet logged) is checkpointed with the state, and every random draw is a
+function of (seed, step), so a run killed at any point and restarted with the
+same command ends with the same bits, and the same `metrics.jsonl`, as one
+that never stopped.
+
+Reading order: `_Run.run` → `_run_phase` (setup, then per epoch
+`_train_epoch` and `_end_epoch`) → `_finish`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -28,7 +34,12 @@ from tljax.steps import TrainState
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
+  """SIGTERM arrived; a checkpoint was written (if there was anything new to save)."""
+
+
+class Diverged(Exception):
+  """A step's loss, gradients or new weights were NaN/inf; nothing after the last finite
+  checkpoint was saved, evaluated or exported."""
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -36,7 +47,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   validate(config)
   if config.variants:
     return run_variants(config, workdir)
-  return _Run(config, workdir).run()
+  with _Preemption() as preemption:
+    return _Run(config, workdir, preemption).run()
 
 
 def run_variants(config, workdir: str) -> dict[str, Any]:
@@ -53,13 +65,71 @@ def run_variants(config, workdir: str) -> dict[str, Any]:
   return {'variants': summaries, 'table': table}
 
 
-def _stack(chunk: list[dict], length: int) -> dict:
-  """[D, K, ...] batches for `steps.train_chunk`, padded to `length` with invalid steps."""
-  pad = [chunk[-1]] * (length - len(chunk))
-  out = {k: np.stack([b[k] for b in chunk + pad], axis=1) for k in chunk[0]}
-  n_dev = out['label'].shape[0]
-  out['valid'] = np.broadcast_to(np.arange(length) < len(chunk), (n_dev, length))
-  return out
+@dataclasses.dataclass
+class Position:
+  """Where the run stands; saved as JSON with every checkpoint.
+
+  `window` holds the per-step train metrics since the last log line, so a
+  resumed run's next log line averages the same steps as an uninterrupted one.
+  """
+  phase: int = 0
+  epoch: int = 0
+  step_in_epoch: int = 0
+  step: int = 0
+  log_lines: int = 0
+  best_val: float = -1.0
+  phases: dict = dataclasses.field(default_factory=dict)   # phase name → description, results
+  window: dict = dataclasses.field(default_factory=dict)   # metric name → float32 values
+
+  def to_json(self) -> dict:
+    return report.jsonable(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, meta: dict) -> 'Position':
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+class _Preemption:
+  """SIGTERM handling: save at a step every host agrees on, then exit with 143.
+
+  One process: a Python handler sets a flag that the loop reads after each
+  device call; before the loop starts (data loading, compilation) there is
+  nothing new to save, so it stops at once. Several processes: JAX's
+  preemption service owns SIGTERM and `reached_preemption_sync_point` names
+  the same step on every host, so no host is left waiting in a collective.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.in_loop = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      except ValueError:   # not the main thread: preemption is the caller's business
+        self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_sigterm(self, signum, frame):
+    self.requested = True
+    if not self.in_loop:
+      raise Preempted('SIGTERM before the first training step: nothing new to save; '
+                      're-run the same command to resume.')
+
+  def reached(self, step: int) -> bool:
+    """Called once for every step id, in order, on every host."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.requested = True
+    return self.requested
 
 
 MAX_CHUNK_STEPS = 256
@@ -67,32 +137,73 @@ MAX_CHUNK_BYTES = 64 << 20
 
 
 class _MetricWindow:
-  """Per-step training metrics since the last log line, fetched from devices only when logged."""
+  """Per-step train metrics since the last log line, fetched from devices only when read."""
 
-  def __init__(self, step: int):
-    self.device, self.host, self.logged = [], {}, step
+  def __init__(self, logged: int, pending: dict[str, list[float]] | None = None):
+    self.logged = logged
+    self._device = []
+    self._host = {k: np.asarray(v, np.float32) for k, v in (pending or {}).items()}
 
-  def add(self, metrics, steps: int) -> None:
-    self.device.append((metrics, steps))
+  def add(self, metrics, steps_in_call: int) -> None:
+    self._device.append((metrics, steps_in_call))
 
-  def take(self, n: int) -> dict[str, float]:
-    for m, steps_in_call in jax.device_get(self.device):
+  def _fetch(self) -> None:
+    for m, n in jax.device_get(self._device):
       for k, v in m.items():
-        self.host.setdefault(k, []).append(np.atleast_1d(np.asarray(v)[0])[:steps_in_call])
-    self.device = []
-    out = {}
-    for k, parts in self.host.items():
-      values = np.concatenate(parts)
-      out[k] = float(np.mean(values[:n]))
-      self.host[k] = [values[n:]]
+        new = np.atleast_1d(np.asarray(v)[0])[:n].astype(np.float32)
+        self._host[k] = np.concatenate([self._host.get(k, np.zeros(0, np.float32)), new])
+    self._device = []
+
+  def first_nonfinite(self) -> int | None:
+    """The first step since the last log line whose loss, gradients or weights were not finite."""
+    self._fetch()
+    bad = np.flatnonzero(self._host.get('finite', np.ones(0)) < 1)
+    return self.logged + 1 + int(bad[0]) if bad.size else None
+
+  def take(self, step: int) -> dict[str, float]:
+    """Means over the steps up to `step`, which become the logged ones."""
+    self._fetch()
+    n = step - self.logged
+    out = {k: float(np.mean(v[:n])) for k, v in self._host.items() if k != 'finite'}
+    self._host = {k: v[n:] for k, v in self._host.items()}
+    self.logged = step
     return out
+
+  def pending(self) -> dict[str, list[float]]:
+    self._fetch()
+    return {k: v.tolist() for k, v in self._host.items()}
+
+
+@dataclasses.dataclass
+class _Phase:
+  """What one phase trains with: built once by `_Run._setup_phase`."""
+  index: int
+  config: Any
+  param_labels: dict
+  tx: Any
+  train_fn: Callable          # one step: (rstate, batch, image cache) → (rstate, metrics)
+  chunk_fn: Callable          # K scanned steps: (rstate, stacked batches) → (rstate, metrics)
+  eval_fn: Callable
+  full_fns: dict              # the image-input steps (test split, precise BN, features)
+  record: dict
+  start_time: float
+  first_step: int             # global step at which the phase started
+  data_epoch0: int            # epochs of the data order before this phase
+  features: dict | None = None
+  chunk_len: int = 0          # cached phases: steps per device call, set from the first batch
 
 
 class _Run:
+  """One training job on one workdir: built from the config, then `run()` once.
 
-  def __init__(self, config, workdir: str):
+  Holds what every phase shares (data splits, model, initial variables,
+  checkpointer, reporter); the mutable progress lives in a `Position`.
+  """
+
+  def __init__(self, config, workdir: str, preemption: _Preemption | None = None):
     from tljax.data import augment, batching
     self.config, self.workdir, self.batching = config, workdir, batching
+    self.preemption = preemption or _Preemption()
     n_dev = jax.local_device_count() * jax.process_count()
     self.eval_bs = config.eval_batch_size or config.batch_size
     for field, size in (('batch_size', config.batch_size), ('eval_batch_size', self.eval_bs)):
@@ -126,7 +237,7 @@ class _Run:
                                                          dtype=dtype)
     self.ckpt = (Checkpointer(workdir, keep=config.checkpoint.keep, best=config.checkpoint.best)
                  if config.checkpoint.enabled else None)
-    self._sigterm = False
+    self.last_saved = None
     self.notes = []
     if self.not_loaded:
       self.notes.append(f'pretrained: {len(self.not_loaded)} leaves not loaded (fresh init): '
@@ -138,61 +249,103 @@ class _Run:
   # ---- the job ----
 
   def run(self) -> dict[str, Any]:
-    config = self.config
-    state = TrainState(params=self.variables['params'], batch_stats=self.variables['batch_stats'],
-                       opt_state=None, step=np.zeros((), np.int32),
-                       rng=steps.make_key(config.seed))
-    meta = {'phase': 0, 'epoch': 0, 'step_in_epoch': 0, 'step': 0, 'log_lines': 0,
-            'phases': {}, 'best_val': -1.0}
-    restored = self.ckpt.restore_latest(self._target) if self.ckpt else None
-    if restored:
-      saved, meta = restored
-      state = TrainState(params=saved['model']['params'], batch_stats=saved['model']['batch_stats'],
-                         opt_state=saved['opt_state'], step=saved['step'], rng=saved['rng'])
-      print(f'resuming from step {meta["step"]} (phase {config.phases[meta["phase"]].name}, '
-            f'epoch {meta["epoch"]}, step {meta["step_in_epoch"]} of the epoch)', flush=True)
-    self.reporter.truncate(meta['log_lines'])
+    state, pos, restored = self._initial_state()
+    self.reporter.truncate(pos.log_lines)
+    self.preemption.in_loop = True
+    if self.preemption.requested:
+      raise Preempted('SIGTERM before the first training step: nothing new to save; '
+                      're-run the same command to resume.')
     try:
-      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:  # not the main thread: preemption is the caller's business
-      previous = None
-    try:
-      for index, phase in enumerate(config.phases):
-        if index < meta['phase'] or phase.epochs == 0:
+      for index, phase in enumerate(self.config.phases):
+        if index < pos.phase or phase.epochs == 0:
           continue
-        resuming = restored is not None and index == meta['phase']
-        if resuming and meta['epoch'] >= phase.epochs:
+        resuming = restored and index == pos.phase
+        if resuming and pos.epoch >= phase.epochs:
           continue
-        state = self._run_phase(index, phase, state, meta, resuming)
+        state = self._run_phase(index, phase, state, pos, resuming)
     finally:
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
       if self.ckpt:
         self.ckpt.wait()
-    summary = self._finish(state, meta)
+    summary = self._finish(state, pos)
     if self.ckpt:
       self.ckpt.close()
     self.reporter.close()
     return summary
 
-  def _on_sigterm(self, signum, frame):
-    self._sigterm = True
+  def _initial_state(self) -> tuple[TrainState, Position, bool]:
+    state = TrainState(params=self.variables['params'], batch_stats=self.variables['batch_stats'],
+                       opt_state=None, step=np.zeros((), np.int32),
+                       rng=steps.make_key(self.config.seed))
+    restored = self.ckpt.restore_latest(self._target) if self.ckpt else None
+    if not restored:
+      return state, Position(), False
+    saved, meta = restored
+    pos = Position.from_json(meta)
+    self.last_saved = pos.step
+    state = TrainState(params=saved['model']['params'], batch_stats=saved['model']['batch_stats'],
+                       opt_state=saved['opt_state'], step=saved['step'], rng=saved['rng'])
+    print(f'resuming from step {pos.step} (phase {self.config.phases[pos.phase].name}, '
+          f'epoch {pos.epoch}, step {pos.step_in_epoch} of the epoch)', flush=True)
+    return state, pos, True
 
   def _target(self, meta) -> dict:
     """Example trees for restoring a checkpoint written during phase `meta['phase']`."""
     phase = self.config.phases[meta['phase']]
-    labels = optim.param_labels(self.variables['params'], phase.trainable, self.blocks)
-    tx = optim.make_optimizer(phase, labels, self.spe)
+    param_labels = optim.param_labels(self.variables['params'], phase.trainable, self.blocks)
+    tx = optim.make_optimizer(phase, param_labels, self.spe)
     return {'model': {'params': self.variables['params'],
                       'batch_stats': self.variables['batch_stats']},
             'train': {'opt_state': jax.tree.map(np.asarray, tx.init(self.variables['params'])),
                       'step': np.zeros((), np.int32), 'rng': steps.make_key(0)}}
 
+  # ---- one phase ----
+
+  def _run_phase(self, index: int, phase, state: TrainState, pos: Position, resuming: bool):
+    ph = self._setup_phase(index, phase, state, pos, resuming)
+    if not resuming:
+      state = state.replace(opt_state=ph.tx.init(state.params))
+    rstate = steps.replicate(state)
+    if ph.features is not None:
+      ph.features = self._cache_features(ph.full_fns['features'], rstate, phase)
+    for epoch in range(pos.epoch, phase.epochs):
+      rstate = self._train_epoch(ph, rstate, pos, epoch)
+      rstate = self._end_epoch(ph, rstate, pos, epoch)
+    return steps.unreplicate(rstate)
+
+  def _setup_phase(self, index: int, phase, state: TrainState, pos: Position,
+                   resuming: bool) -> _Phase:
+    config = self.config
+    param_labels = optim.param_labels(state.params, phase.trainable, self.blocks)
+    tx = optim.make_optimizer(phase, param_labels, self.spe)
+    counts = optim.count(state.params, param_labels)
+    if not resuming:
+      pos.phase, pos.epoch, pos.step_in_epoch, pos.window = index, 0, 0, {}
+      self.reporter.log({'kind': 'phase_start', 'step': pos.step, 'phase': phase.name,
+                         'trainable_params': counts['trainable'], 'frozen_params': counts['frozen']})
+    record = pos.phases.setdefault(phase.name, {'seconds': 0.0})
+    cached = self._can_cache(phase, param_labels)
+    # Before any checkpoint of the phase: a finished run re-run from its last one needs it.
+    record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
+                  trainable_params=counts['trainable'], frozen_params=counts['frozen'])
+    common = dict(tx=tx, labels=param_labels, loss_kind=config.loss.kind,
+                  label_smoothing=config.loss.label_smoothing)
+    full = steps.build_steps(self.model, train_transform=self._train_transform(phase),
+                             eval_transform=self.eval_tf, bn_train=phase.bn == 'train',
+                             pool=config.model.head.pool in ('avg', 'max'), **common)
+    fns = (steps.build_steps(self.model, train_transform=None, eval_transform=lambda x: x,
+                             cached=True, **common) if cached else full)
+    done_epochs = sum(p.epochs for p in config.phases[:index])
+    return _Phase(index=index, config=phase, param_labels=param_labels, tx=tx,
+                  train_fn=fns['train'], chunk_fn=fns['train_chunk'], eval_fn=fns['eval'],
+                  full_fns=full, record=record, start_time=time.time() - record['seconds'],
+                  first_step=done_epochs * self.spe, data_epoch0=done_epochs,
+                  features={} if cached else None)
+
   def _train_transform(self, phase):
     return self.aug_tf if phase.augment else (lambda key, x: self.eval_tf(x))
 
-  def _can_cache(self, phase, labels) -> bool:
-    reason = feature_cache.eligible(phase, self.variables['params'], labels, self.splits)
+  def _can_cache(self, phase, param_labels) -> bool:
+    reason = feature_cache.eligible(phase, self.variables['params'], param_labels, self.splits)
     if reason is None:
       pool = self.config.model.head.pool in ('avg', 'max')
       views = max(1, phase.cache_views) if phase.augment else 1
@@ -205,114 +358,137 @@ class _Run:
       logging.info('phase %s: features not cached: %s', phase.name, reason)
     return reason is None
 
-  def _run_phase(self, index: int, phase, state: TrainState, meta: dict, resuming: bool):
-    config, batching = self.config, self.batching
-    labels = optim.param_labels(state.params, phase.trainable, self.blocks)
-    tx = optim.make_optimizer(phase, labels, self.spe)
-    counts = optim.count(state.params, labels)
-    if not resuming:
-      state = state.replace(opt_state=tx.init(state.params))
-      meta.update(phase=index, epoch=0, step_in_epoch=0)
-      self.reporter.log({'kind': 'phase_start', 'step': meta['step'], 'phase': phase.name,
-                         'trainable_params': counts['trainable'], 'frozen_params': counts['frozen']})
-    record = meta['phases'].setdefault(phase.name, {'seconds': 0.0})
-    start_time = time.time() - record['seconds']
-    cached = self._can_cache(phase, labels)
-    # Before any checkpoint of the phase: a finished run re-run from its last one needs it.
-    record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
-                  trainable_params=counts['trainable'], frozen_params=counts['frozen'])
-    fns = steps.build_steps(self.model, tx=tx, labels=labels,
-                            train_transform=self._train_transform(phase),
-                            eval_transform=self.eval_tf, loss_kind=config.loss.kind,
-                            label_smoothing=config.loss.label_smoothing,
-                            bn_train=phase.bn == 'train',
-                            pool=config.model.head.pool in ('avg', 'max'))
-    rstate = steps.replicate(state)
-    features = None
-    if cached:
-      features = self._cache_features(fns['features'], rstate, phase)
-      cached_fns = steps.build_steps(self.model, tx=tx, labels=labels, train_transform=None,
-                                     eval_transform=lambda x: x, loss_kind=config.loss.kind,
-                                     label_smoothing=config.loss.label_smoothing, cached=True)
-      train_fn, chunk_fn, eval_fn = cached_fns['train'], cached_fns['train_chunk'], cached_fns['eval']
+  # ---- one epoch ----
+
+  def _epoch_batches(self, ph: _Phase, data_epoch: int, start: int):
+    """The epoch's inputs from `start` on, and the on-device image cache they index (or None).
+
+    Three input paths: cached backbone features, indices into a train split
+    held on every device, or the images themselves.
+    """
+    config = self.config
+    on_device = ph.features is None and self._device_cache() is not None
+    batches = self.batching.train_batches(self.train_split, config.batch_size, seed=config.seed,
+                                          epoch=data_epoch, start_step=start,
+                                          with_images=not on_device)
+    if ph.features is not None:
+      views = ph.features['train']
+      batches = feature_cache.with_features(batches, views[data_epoch % len(views)])
+    elif on_device:
+      batches = ({'index': b['index'], 'label': b['label']} for b in batches)
     else:
-      train_fn, chunk_fn, eval_fn = fns['train'], fns['train_chunk'], fns['eval']
-    epoch_offset = sum(p.epochs for p in config.phases[:index])
+      batches = ({'image': b['image'], 'label': b['label']} for b in batches)
+    return self.batching.prefetch(batches, buffer_size=2), \
+        (self._device_cache() if on_device else None)
+
+  def _chunks(self, ph: _Phase, batches, pos: Position):
+    """Groups an epoch's batches into device calls: one step each, or scanned chunks when cached.
+
+    Chunk ends depend only on the position (checkpoint steps, a size cap from the
+    epoch start), so a resumed run groups, hence computes, exactly as the original.
+    """
+    every = self.config.checkpoint.every_steps
+    step, in_epoch, chunk = pos.step, pos.step_in_epoch, []
+    for batch in batches:
+      if ph.features is not None and ph.chunk_len == 0:
+        per_step = sum(np.asarray(v).nbytes for v in batch.values())
+        ph.chunk_len = int(max(1, min(MAX_CHUNK_STEPS, self.spe,
+                                      MAX_CHUNK_BYTES // max(per_step, 1))))
+      chunk.append(batch)
+      step, in_epoch = step + 1, in_epoch + 1
+      if (ph.features is None or (every and step % every == 0) or in_epoch % ph.chunk_len == 0):
+        yield chunk
+        chunk = []
+    if chunk:
+      yield chunk
+
+  def _train_epoch(self, ph: _Phase, rstate, pos: Position, epoch: int):
+    config, phase = self.config, ph.config
+    start = pos.step_in_epoch
+    data_epoch = ph.data_epoch0 + epoch
+    epoch_start = pos.step - start
+    window = _MetricWindow(pos.step - len(pos.window.get('loss', [])), pos.window)
+    pos.window = {}
+    # Long phases (a cached head trains 100 epochs in seconds) show about ten bars.
+    show = (epoch + 1) % max(1, phase.epochs // 10) == 0 or epoch == 0 or epoch + 1 == phase.epochs
+    label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
     every = config.checkpoint.every_steps
-    for epoch in range(meta['epoch'], phase.epochs):
-      start = meta['step_in_epoch']
-      data_epoch = epoch_offset + epoch
-      on_device = features is None and self._device_cache() is not None
-      batches = batching.train_batches(self.train_split, config.batch_size, seed=config.seed,
-                                       epoch=data_epoch, start_step=start,
-                                       with_images=not on_device)
-      if features is not None:
-        views = features['train']
-        batches = feature_cache.with_features(batches, views[data_epoch % len(views)])
-      elif on_device:
-        batches = ({'index': b['index'], 'label': b['label']} for b in batches)
-      else:
-        batches = ({'image': b['image'], 'label': b['label']} for b in batches)
-      cache = self._device_cache() if on_device else None
-      batches = batching.prefetch(batches, buffer_size=2)
-      label = f'[{phase.name}] epoch {epoch + 1}/{phase.epochs}'
-      self.reporter.start_epoch()
-      window = _MetricWindow(meta['step'])
-      # Long phases (a cached head trains 100 epochs in seconds) show about ten bars.
-      show_epoch = (epoch + 1) % max(1, phase.epochs // 10) == 0 or epoch == 0 \
-          or epoch + 1 == phase.epochs
-      try:
-        for chunk in self._chunks(batches, meta, cached):
-          if len(chunk) == 1 and not cached:
-            rstate, m = train_fn(rstate, chunk[0], cache)
-          else:
-            rstate, m = chunk_fn(rstate, _stack(chunk, self._chunk_len))
-          window.add(m, len(chunk))
-          first = meta['step'] + 1
-          meta['step'] += len(chunk)
-          meta['step_in_epoch'] += len(chunk)
-          epoch_start = meta['step'] - meta['step_in_epoch']
-          for s in range(first, meta['step'] + 1):
-            if s % config.log.every_steps == 0 or s - epoch_start == self.spe:
-              shown = window.take(s - window.logged)
-              window.logged = s
-              self.reporter.log({'kind': 'train', 'step': s, 'phase': phase.name,
-                                 'epoch': data_epoch + (s - epoch_start) / self.spe,
-                                 'lr': float(optim.schedule(phase, self.spe)(
-                                     s - self._phase_start_step(index))), **shown})
-              if show_epoch:
-                self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
-                                       (s - epoch_start - start) * config.batch_size)
-          if (every and meta['step'] % every == 0) or self._sigterm:
-            record['seconds'] = time.time() - start_time
-            self._save(rstate, meta)
-            if self._sigterm:
-              raise Preempted(f'SIGTERM: saved the checkpoint of step {meta["step"]} in '
-                              f'{self.workdir}; re-run the same command to resume.')
-      finally:
-        batches.close()
-      meta['epoch'], meta['step_in_epoch'] = epoch + 1, 0
-      if phase.bn == 'train' and phase.precise_bn:
-        rstate = self._precise_bn(fns['bn_stats'], rstate, phase.precise_bn, data_epoch)
-      last = epoch + 1 == phase.epochs
-      if last or (epoch + 1) % config.eval.every_epochs == 0:
-        val = self._evaluate(eval_fn, rstate, 'val', features)
-        self.reporter.log({'kind': 'val', 'step': meta['step'], 'phase': phase.name,
-                           'epoch': data_epoch + 1, **evaluate.scalars(val)})
-        if val['accuracy'] > meta['best_val'] and self.ckpt:
-          meta['best_val'] = val['accuracy']
-          self.ckpt.save_best(meta['step'], _model_vars(rstate), {**meta, 'val': val['accuracy']})
-        if last:
-          record['val'] = val
-          if 'test' in self.splits:
-            record['test'] = self._evaluate(fns['eval'], rstate, 'test', None)
-            self.reporter.log({'kind': 'test', 'step': meta['step'], 'phase': phase.name,
-                               **evaluate.scalars(record['test'])})
-      record['seconds'] = time.time() - start_time
-      self._save(rstate, meta)
-      if self._sigterm:
-        raise Preempted(f'SIGTERM: saved step {meta["step"]}; re-run the same command to resume.')
-    return _unreplicate_state(rstate)
+    self.reporter.start_epoch()
+    batches, image_cache = self._epoch_batches(ph, data_epoch, start)
+    try:
+      for chunk in self._chunks(ph, batches, pos):
+        if ph.features is None:
+          rstate, metrics = ph.train_fn(rstate, chunk[0], image_cache)
+        else:
+          rstate, metrics = ph.chunk_fn(rstate, _stack(chunk, ph.chunk_len))
+        window.add(metrics, len(chunk))
+        first = pos.step + 1
+        pos.step += len(chunk)
+        pos.step_in_epoch += len(chunk)
+        for s in range(first, pos.step + 1):
+          if s % config.log.every_steps == 0 or s - epoch_start == self.spe:
+            shown = self._log_train(ph, window, s, epoch_start, data_epoch)
+            if show:
+              self.reporter.progress(label, s - epoch_start - start, self.spe - start, shown,
+                                     (s - epoch_start - start) * config.batch_size)
+          self.preemption.reached(s)
+        if (every and pos.step % every == 0) or self.preemption.requested:
+          ph.record['seconds'] = time.time() - ph.start_time
+          self._save(ph, rstate, pos, window)
+          if self.preemption.requested:
+            raise Preempted(f'SIGTERM: saved the checkpoint of step {pos.step} in '
+                            f'{self.workdir}; re-run the same command to resume.')
+    finally:
+      batches.close()
+    return rstate
+
+  def _log_train(self, ph: _Phase, window: _MetricWindow, step: int, epoch_start: int,
+                 data_epoch: int) -> dict[str, float]:
+    bad = window.first_nonfinite()
+    shown = window.take(step)
+    self.reporter.log({'kind': 'train', 'step': step, 'phase': ph.config.name,
+                       'epoch': data_epoch + (step - epoch_start) / self.spe,
+                       'lr': float(optim.schedule(ph.config, self.spe)(step - ph.first_step)),
+                       **shown})
+    if bad is not None and bad <= step:
+      self._diverged(ph, bad)
+    return shown
+
+  def _diverged(self, ph: _Phase, step: int):
+    phase, i = ph.config, ph.index
+    resume = (f'the last checkpoint (step {self.last_saved}) is the resume point'
+              if self.last_saved is not None else 'no checkpoint was written')
+    raise Diverged(f"training diverged in phase '{phase.name}' at step {step}: non-finite loss, "
+                   f'gradients or weights; nothing after it was saved ({resume}). Lower '
+                   f'phases[{i}].lr (now {phase.lr:g}), set phases[{i}].grad_clip, or check the '
+                   'inputs, then re-run in a fresh --workdir.')
+
+  def _end_epoch(self, ph: _Phase, rstate, pos: Position, epoch: int):
+    """Precise BN, evaluation, the best model, the end-of-epoch checkpoint."""
+    config, phase = self.config, ph.config
+    data_epoch = ph.data_epoch0 + epoch
+    pos.epoch, pos.step_in_epoch = epoch + 1, 0
+    if phase.bn == 'train' and phase.precise_bn:
+      rstate = self._precise_bn(ph.full_fns['bn_stats'], rstate, phase.precise_bn, data_epoch)
+    last = epoch + 1 == phase.epochs
+    if last or (epoch + 1) % config.eval.every_epochs == 0:
+      val = self._evaluate(ph.eval_fn, rstate, 'val', ph.features)
+      self.reporter.log({'kind': 'val', 'step': pos.step, 'phase': phase.name,
+                         'epoch': data_epoch + 1, **evaluate.scalars(val)})
+      if val['accuracy'] > pos.best_val and self.ckpt:
+        pos.best_val = val['accuracy']
+        self.ckpt.save_best(pos.step, _model_vars(rstate), {**pos.to_json(), 'val': val['accuracy']})
+      if last:
+        ph.record['val'] = val
+        if 'test' in self.splits:
+          ph.record['test'] = self._evaluate(ph.full_fns['eval'], rstate, 'test', None)
+          self.reporter.log({'kind': 'test', 'step': pos.step, 'phase': phase.name,
+                             **evaluate.scalars(ph.record['test'])})
+    ph.record['seconds'] = time.time() - ph.start_time
+    self._save(ph, rstate, pos)
+    if self.preemption.requested:
+      raise Preempted(f'SIGTERM: saved step {pos.step}; re-run the same command to resume.')
+    return rstate
 
   def _precise_bn(self, fn, rstate, n_batches: int, data_epoch: int):
     """Replaces the running BN statistics by their average over `n_batches` train batches.
@@ -340,40 +516,21 @@ class _Run:
       self._cache = self.batching.device_cache(split) if fits else None
     return self._cache
 
-  def _chunks(self, batches, meta: dict, cached: bool):
-    """Groups an epoch's batches into device calls: one step each, or scanned chunks when cached.
-
-    Chunk ends depend only on the position (checkpoint steps, a size cap from the
-    epoch start), so a resumed run groups, hence computes, exactly as the original.
-    """
-    every = self.config.checkpoint.every_steps
-    step, in_epoch, chunk = meta['step'], meta['step_in_epoch'], []
-    cap = 1
-    for batch in batches:
-      if cached and cap == 1:
-        per_step = sum(np.asarray(v).nbytes for v in batch.values())
-        cap = int(max(1, min(MAX_CHUNK_STEPS, self.spe, MAX_CHUNK_BYTES // max(per_step, 1))))
-        self._chunk_len = cap
-      chunk.append(batch)
-      step, in_epoch = step + 1, in_epoch + 1
-      if not cached or (every and step % every == 0) or in_epoch % cap == 0:
-        yield chunk
-        chunk = []
-    if chunk:
-      yield chunk
-
-  def _phase_start_step(self, index: int) -> int:
-    done = sum(p.epochs for p in self.config.phases[:index])
-    return done * self.spe
-
-  def _save(self, rstate, meta: dict) -> None:
+  def _save(self, ph: _Phase, rstate, pos: Position, window: _MetricWindow | None = None) -> None:
+    """The resumable checkpoint of `pos.step`, never of a state that saw a non-finite step."""
+    if window is not None:
+      bad = window.first_nonfinite()
+      if bad is not None:
+        self._diverged(ph, bad)
+      pos.window = window.pending()
     if not self.ckpt:
       return
-    meta['log_lines'] = self.reporter.lines
-    host = _unreplicate_state(rstate)
-    self.ckpt.save(meta['step'], {'model': {'params': host.params, 'batch_stats': host.batch_stats},
-                                  'opt_state': host.opt_state, 'step': host.step, 'rng': host.rng},
-                   _meta_json(meta))
+    pos.log_lines = self.reporter.lines
+    host = steps.unreplicate(rstate)
+    self.ckpt.save(pos.step, {'model': {'params': host.params, 'batch_stats': host.batch_stats},
+                              'opt_state': host.opt_state, 'step': host.step, 'rng': host.rng},
+                   pos.to_json())
+    self.last_saved = pos.step
 
   # ---- features and evaluation ----
 
@@ -396,7 +553,7 @@ class _Run:
 
   def _evaluate(self, eval_fn, rstate, split_name: str, features) -> dict[str, Any]:
     split = self.splits[split_name]
-    if features is not None and split_name in features:
+    if features and split_name in features:
       batches = feature_cache.eval_batches(features[split_name][0], split.labels, self.eval_bs)
     else:
       batches = self.batching.eval_batches(split, self.eval_bs)
@@ -404,17 +561,17 @@ class _Run:
 
   # ---- outputs ----
 
-  def _finish(self, state: TrainState, meta: dict) -> dict[str, Any]:
+  def _finish(self, state: TrainState, pos: Position) -> dict[str, Any]:
     config = self.config
     phases = []
     for p in config.phases:
-      if p.name in meta['phases']:   # config values for checkpoints written before they were kept
+      if p.name in pos.phases:   # config values for checkpoints written before they were kept
         phases.append({'name': p.name, 'trainable': p.trainable, 'epochs': p.epochs,
-                       **meta['phases'][p.name]})
+                       **pos.phases[p.name]})
     last = phases[-1] if phases else {}
     final = {s: last[s] for s in ('val', 'test') if s in last}
     summary = {'title': f'{config.model.name} on {config.data.source} {config.data.name}'.strip(),
-               'workdir': self.workdir, 'step': meta['step'], 'devices': jax.device_count(),
+               'workdir': self.workdir, 'step': pos.step, 'devices': jax.device_count(),
                'processes': jax.process_count(), 'phases': phases, 'final': final,
                'notes': self.notes}
     if not self.primary:   # every process has the same summary; process 0 writes the files
@@ -442,6 +599,15 @@ class _Run:
          'arch_kw': self.config.model.arch_kw.to_dict()})
 
 
+def _stack(chunk: list[dict], length: int) -> dict:
+  """[D, K, ...] batches for `steps.train_chunk`, padded to `length` with invalid steps."""
+  pad = [chunk[-1]] * (length - len(chunk))
+  out = {k: np.stack([b[k] for b in chunk + pad], axis=1) for k in chunk[0]}
+  n_dev = out['label'].shape[0]
+  out['valid'] = np.broadcast_to(np.arange(length) < len(chunk), (n_dev, length))
+  return out
+
+
 def _warn_if_config_changed(config, workdir: str) -> None:
   """Resuming a workdir with a different config is allowed, but never silently."""
   path = os.path.join(workdir, 'config.json')
@@ -459,13 +625,5 @@ def _warn_if_config_changed(config, workdir: str) -> None:
 
 
 def _model_vars(rstate) -> dict:
-  host = _unreplicate_state(rstate)
+  host = steps.unreplicate(rstate)
   return {'params': host.params, 'batch_stats': host.batch_stats}
-
-
-def _unreplicate_state(rstate) -> TrainState:
-  return steps.unreplicate(rstate)
-
-
-def _meta_json(meta: dict) -> dict:
-  return report.jsonable(meta)
