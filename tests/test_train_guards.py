@@ -133,3 +133,12 @@ def test_read_only_workdir_is_one_line(small_mount):
   rc, out, err = _main('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={small_mount}/w')
   assert rc == 1, out + err
   assert 'choose a writable --workdir' in _one_line_error(err)
+
+
+def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_holder(tmp_path):
+  from tljax import workdir_lock
+  with workdir_lock.acquire(str(tmp_path / 'w')):
+    rc, out, err = _main('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={tmp_path}/w')
+  assert rc == 1, out + err
+  line = _one_line_error(err)
+  assert f'in use by pid {os.getpid()}' in line and 'another --workdir' in line, line

@@ -140,7 +140,7 @@ def _run_mode(config) -> None:
     except train.Preempted as e:
       print(str(e), file=sys.stderr)
       sys.exit(143)
-    except train.Diverged as e:
+    except (train.Diverged, train.workdir_lock.WorkdirInUse) as e:
       _fail(str(e))
   elif FLAGS.mode == 'eval':
     from tljax import evaluate

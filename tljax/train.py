@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from tljax import components, evaluate, feature_cache, optim, report, steps
+from tljax import components, evaluate, feature_cache, optim, report, steps, workdir_lock
 from tljax.checkpoint import Checkpointer
 from tljax.config import apply_variant, validate
 from tljax.steps import TrainState
@@ -47,7 +47,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   validate(config)
   if config.variants:
     return run_variants(config, workdir)
-  with _Preemption() as preemption:
+  with workdir_lock.acquire(workdir, enabled=jax.process_index() == 0), \
+      _Preemption() as preemption:
     return _Run(config, workdir, preemption).run()
 
 
