@@ -135,3 +135,31 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   assert result['count'] == 22 and result['step'] == 12
   assert result['accuracy'] == summaries[0]['final']['val']['accuracy']
   np.testing.assert_allclose(result['loss'], summaries[0]['final']['val']['loss'], rtol=1e-5)
+
+
+PREEMPT_CONFIG = CONFIG.replace("c.checkpoint.every_steps = 4", "c.checkpoint.every_steps = 0") \
+    .replace("phase('head', epochs=1,", "phase('head', epochs=40,")
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
+  """JAX's preemption sync point: the signalled host and the other agree on one step, save, exit."""
+  import signal
+  import time
+  config = tmp_path / 'cfg.py'
+  config.write_text(PREEMPT_CONFIG)
+  workdir = str(tmp_path / 'multi')
+  procs = _distributed(str(config), workdir)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + TIMEOUT_S
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    p.wait(timeout=TIMEOUT_S)
+  outs = [open(p.log).read() for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs
+  saved = [int(out.split('saved the checkpoint of step ')[1].split()[0]) for out in outs]
+  assert saved[0] == saved[1], saved
+  assert str(saved[0]) in os.listdir(os.path.join(workdir, 'checkpoints'))
