@@ -41,6 +41,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       num_val=64,                # synthetic
       num_test=0,                # synthetic
       decode_threads=0,          # 0 = os.cpu_count()
+      # folder: symlinks resolving outside root are skipped with a reason
+      # unless True (then followed; a link cycle is entered once)
+      follow_symlinks=False,
   ))
 
 
@@ -92,6 +95,8 @@ def validate_data_config(cfg) -> None:
       _fail(field, cfg[field], 'expected >= 0 (0 = off/all/default)')
   if cfg.examples_per_class and cfg.train_fraction < 1.0:
     _fail('examples_per_class', cfg.examples_per_class, 'use it or train_fraction, not both')
+  if not isinstance(cfg.follow_symlinks, bool):
+    _fail('follow_symlinks', cfg.follow_symlinks, 'expected True or False')
   if cfg.cache_budget_mb <= 0:
     _fail('cache_budget_mb', cfg.cache_budget_mb, 'expected > 0')
   if cfg.source == 'synthetic':

@@ -5,6 +5,12 @@ Also reads a class-name file such as 10 Monkey Species' `monkey_labels.txt`
 "mantled_howler" instead of "n0", and takes class subsets with a per-class
 limit (Animals-10's `cane`/`cavallo`, 500 each). Decoding goes through
 `decode.decode`, so bad files are skipped with a reason, never raised.
+
+Symlinks that resolve inside the root are followed; one that leads out of
+it (a class directory or file linked from elsewhere on the machine) is
+skipped with a reason, like an unreadable file, unless
+`data.follow_symlinks=True`: a dataset is what lies under its root, and a
+stray link must not add a class or images silently.
 """
 
 from __future__ import annotations
@@ -37,30 +43,87 @@ class FolderScan:
   names: dict[str, str]
   files: dict[str, dict[str, list[str]]]
   split_dirs: dict[str, str]                   # our split name → directory name
+  skipped: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
 
   @property
   def class_names(self) -> list[str]:
     return [self.names[d] for d in self.class_dirs]
 
 
-def _listdirs(path: str) -> list[str]:
-  return sorted(d for d in os.listdir(path)
-                if not d.startswith('.') and os.path.isdir(os.path.join(path, d)))
+class LinkGuard:
+  """Admits paths that stay inside `root` (after resolving symlinks) and records the rest.
+
+  Only symlinks are resolved (a walk that starts inside the root and
+  enters only admitted directories stays inside it), so a plain folder
+  costs no extra system calls. `skipped` collects `(path, reason)`, once
+  per path however often it is listed.
+  """
+
+  def __init__(self, root: str, follow: bool = False):
+    self.root, self.follow = root, follow
+    self._real_root = os.path.realpath(root)
+    self.skipped: list[tuple[str, str]] = []
+    self._recorded: set[str] = set()
+
+  def admits(self, path: str, is_link: bool | None = None) -> bool:
+    if self.follow or not (os.path.islink(path) if is_link is None else is_link):
+      return True
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, self._real_root]) == self._real_root:
+      return True
+    if path not in self._recorded:
+      self._recorded.add(path)
+      self.skipped.append((path, f'symlink to {target}, outside the data root {self.root}; set '
+                                 'data.follow_symlinks=True to follow it'))
+    return False
 
 
-def _files_under(path: str) -> list[str]:
-  """Every non-hidden file below `path` (recursively, sorted); dotfiles are OS litter."""
+def _listdirs(path: str, guard: LinkGuard | None = None) -> list[str]:
   out = []
-  for dirpath, dirnames, filenames in os.walk(path):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith('.'))
+  for entry in os.scandir(path):
+    if entry.name.startswith('.') or not entry.is_dir():
+      continue
+    if guard is None or guard.admits(entry.path, entry.is_symlink()):
+      out.append(entry.name)
+  return sorted(out)
+
+
+def _files_under(path: str, guard: LinkGuard | None = None) -> list[str]:
+  """Every non-hidden file below `path` (recursively, sorted); dotfiles are OS litter.
+
+  A directory's files come before its subdirectories'. Linked directories
+  are entered once each (by resolved path), so a link cycle ends.
+  """
+  out, seen = [], set()
+
+  def walk(directory: str):
+    real = os.path.realpath(directory)
+    if real in seen:
+      return
+    seen.add(real)
+    files, dirs = [], []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+      if entry.name.startswith('.'):
+        continue
+      if guard is not None and not guard.admits(entry.path, entry.is_symlink()):
+        continue
+      (dirs if entry.is_dir() else files).append(entry.path)
+    out.extend(files)
+    for d in dirs:
+      walk(d)
+
+  walk(path)
   return out
 
 
-def _split_dir(root: str, dirname: str) -> str:
+def _split_dir(root: str, dirname: str, guard: LinkGuard | None = None) -> str:
   """Kaggle archives nest `training/training/n0`: descend through a same-named lone folder."""
   path = os.path.join(root, dirname)
-  inner = _listdirs(path)
+  if guard is not None and not guard.admits(path):
+    raise ValueError(f'split folder {path} is a symlink to {os.path.realpath(path)}, outside the '
+                     'data root; set data.follow_symlinks=True to read it, or move it into the '
+                     'root.')
+  inner = _listdirs(path, guard)
   has_files = any(os.path.isfile(os.path.join(path, f)) for f in os.listdir(path))
   if inner == [dirname] and not has_files:
     return os.path.join(path, dirname)
@@ -103,6 +166,7 @@ def scan(cfg) -> FolderScan:
   """Finds splits, classes and files per the config; raises on a layout it cannot read."""
   root = cfg.root
   split_names = {'train': cfg.train_split, 'val': cfg.val_split, 'test': cfg.test_split}
+  guards: dict[str, LinkGuard] = {}
   if cfg.train_split and os.path.isdir(os.path.join(root, cfg.train_split)):
     layout = 'split'
     split_dirs = {}
@@ -114,7 +178,8 @@ def scan(cfg) -> FolderScan:
                          f'the {name} split; existing folders: {_listdirs(root)}. Set '
                          f'data.{name}_split to one of them, or to "" to carve it from train.')
       split_dirs[name] = dirname
-    class_roots = {name: _split_dir(root, d) for name, d in split_dirs.items()}
+    guards = {name: LinkGuard(root, cfg.follow_symlinks) for name in split_dirs}
+    class_roots = {name: _split_dir(root, d, guards[name]) for name, d in split_dirs.items()}
   else:
     if cfg.val_split or cfg.test_split:
       raise ValueError(f'{root!r} has no {cfg.train_split!r} folder, so it is read as a flat '
@@ -125,7 +190,8 @@ def scan(cfg) -> FolderScan:
     layout = 'flat'
     split_dirs = {'train': ''}
     class_roots = {'train': root}
-  per_split_dirs = {name: _listdirs(path) for name, path in class_roots.items()}
+    guards = {'train': LinkGuard(root, cfg.follow_symlinks)}
+  per_split_dirs = {name: _listdirs(path, guards[name]) for name, path in class_roots.items()}
   class_dirs = sorted(set().union(*per_split_dirs.values()))
   if not class_dirs:
     raise ValueError(f'No class folders under {root!r}. Expected root/<class>/* or '
@@ -148,9 +214,13 @@ def scan(cfg) -> FolderScan:
     class_dirs = [lookup[c] for c in wanted]
   files = {}
   for name, path in class_roots.items():
-    files[name] = {d: _files_under(os.path.join(path, d)) if d in per_split_dirs[name] else []
-                   for d in class_dirs}
-  return FolderScan(root, layout, class_dirs, names, files, split_dirs)
+    files[name] = {d: _files_under(os.path.join(path, d), guards[name])
+                   if d in per_split_dirs[name] else [] for d in class_dirs}
+  skipped = {name: guard.skipped for name, guard in guards.items()}
+  for name, items in skipped.items():
+    for path, reason in items:
+      log.warning('skipping %s: %s', path, reason)
+  return FolderScan(root, layout, class_dirs, names, files, split_dirs, skipped)
 
 
 def _pool(cfg):
@@ -164,7 +234,7 @@ def decode_split(scan_: FolderScan, split: str, cfg, *, load_size: int, geometry
   per_class = scan_.files[split]
   limit = cfg.max_per_class
   chosen: dict[int, list] = {}
-  skipped, converted = [], []
+  skipped, converted = list(scan_.skipped.get(split, [])), []
   with _pool(cfg) as pool:
     for label, d in enumerate(scan_.class_dirs):
       paths, good, pos = per_class[d], [], 0
@@ -189,8 +259,8 @@ def decode_split(scan_: FolderScan, split: str, cfg, *, load_size: int, geometry
       ids.append(path)
       i += 1
   if skipped:
-    log.warning('%s/%s: %d of %d files skipped (unreadable); the run summary lists them',
-                scan_.root, split, len(skipped), len(skipped) + n)
+    log.warning('%s/%s: %d of %d files skipped (unreadable, or linked from outside the root); '
+                'the run summary lists them', scan_.root, split, len(skipped), len(skipped) + n)
   return Split(images, labels, scan_.class_names, ids, skipped, converted, split)
 
 
