@@ -25,6 +25,9 @@ def test_monkeys_report_with_zoo_and_leakage(tmp_path, capsys):
   shutil.copy(train_n0 / 'img_000.jpg', val_n1 / 'leak.jpg')         # train/val leakage
   shutil.copy(train_n0 / 'img_001.jpg', train_n0 / 'copy.jpg')       # within train
   code, out = _run(capsys, f'--root={root}', '--json')
+  assert code == 1                                                   # leakage fails the check
+  assert not json.loads(out)['ok']
+  code, out = _run(capsys, f'--root={root}', '--json', '--allow_duplicates')
   assert code == 0
   report = json.loads(out)
   assert {'classes', 'counts', 'skipped', 'duplicates'} <= set(report)
@@ -46,7 +49,8 @@ def test_monkeys_report_with_zoo_and_leakage(tmp_path, capsys):
   assert len(report['duplicates']) == 3
   assert report['imbalance']['training'] == round((4 + usable_zoo + 1) / 4, 3)
   code, text = _run(capsys, f'--root={root}')
-  assert code == 0 and 'ACROSS SPLITS' in text and 'truncated' in text
+  assert code == 1 and 'ACROSS SPLITS' in text and 'truncated' in text
+  assert 'PROBLEM: 1 groups of identical images span splits' in text and '--allow_duplicates' in text
 
 
 def test_empty_class_exits_nonzero(tmp_path, capsys):

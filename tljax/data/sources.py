@@ -16,6 +16,7 @@ import numpy as np
 from tljax.data import embedded, folder
 from tljax.data.config import validate_data_config
 from tljax.data.decode import GEOMETRIES
+from tljax.data.duplicates import warn_cross_split
 from tljax.data.split import Split, check_coverage, few_shot, stratified_carve, summarize
 from tljax.data.streaming import StreamingSplit, folder_stream
 from tljax.data.tfds_source import TfdsSource, default_threads
@@ -66,9 +67,12 @@ def _folder(cfg, load_size: int, geometry: str, resample: str) -> dict:
       fractions['test'] = cfg.test_fraction
     parts = stratified_carve(labels, fractions, cfg.split_seed, len(scan.class_dirs))
     out.update({k: ([paths[i] for i in idx], labels[idx]) for k, idx in parts.items()})
-  return {name: folder_stream(p, l, scan.class_names, load_size=load_size, geometry=geometry,
-                              name=name, threads=threads, resample=resample)
-          for name, (p, l) in out.items()}
+  streams = {name: folder_stream(p, l, scan.class_names, load_size=load_size, geometry=geometry,
+                                 name=name, threads=threads, resample=resample)
+             for name, (p, l) in out.items()}
+  for name, skipped in scan.skipped.items():
+    streams[name].skipped.extend(skipped)
+  return streams
 
 
 def _tfds(cfg, load_size: int, geometry: str, resample: str) -> dict:
@@ -96,6 +100,15 @@ def _tfds(cfg, load_size: int, geometry: str, resample: str) -> dict:
   return decoded
 
 
+def _inspect_args(cfg) -> str:
+  """How `python -m tljax.inspect_data` names this data, for the duplicates warning."""
+  if cfg.source == 'folder':
+    return f'--root={cfg.root}' + (' --follow_symlinks' if cfg.follow_symlinks else '')
+  if cfg.source == 'tfds':
+    return f'--tfds={cfg.name}' + (f' --data_dir={cfg.data_dir}' if cfg.data_dir else '')
+  return ''
+
+
 def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
                 geometry: str | None = None) -> dict[str, Split | StreamingSplit]:
   """Config → {'train', 'val'[, 'test']}, decoded once at `load_size` x `load_size`.
@@ -105,7 +118,9 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
   (Keras: squash the whole image), resized with its interpolation; pass
   `preprocessing` (a `Preprocessing`) or `geometry` (then bilinear). `seed`
   only drives the few-shot subsampling of train; the val/test carve uses
-  `data_cfg.split_seed` so it stays fixed across seeds.
+  `data_cfg.split_seed` so it stays fixed across seeds. Identical images in
+  more than one split are reported in one warning line
+  (`duplicates.warn_cross_split`); streamed splits are not checked.
   """
   cfg = data_cfg
   validate_data_config(cfg)
@@ -150,5 +165,6 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
     splits['train'] = few_shot(splits['train'], examples_per_class=cfg.examples_per_class,
                                train_fraction=cfg.train_fraction, seed=seed)
   ordered = {k: splits[k] for k in ('train', 'val', 'test') if k in splits}
+  warn_cross_split(ordered, _inspect_args(cfg), threads=default_threads(cfg))
   log.info('data (%s, %dpx, %s):\n%s', cfg.source, load_size, geometry, summarize(ordered))
   return ordered

@@ -43,8 +43,9 @@ class TfdsSource:
     try:
       self.builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # tfds raises its own DatasetNotFoundError subclasses.
-      raise ValueError(f'tfds has no dataset {name!r} ({type(e).__name__}: {e}). Check the name '
-                       'with tfds.list_builders().') from e
+      detail = str(e).split('Available datasets')[0].strip().rstrip('.')
+      raise ValueError(f'tfds has no dataset {name!r} ({type(e).__name__}: {detail}). Check the '
+                       'name with tfds.list_builders().') from e
     keys = self.builder.info.supervised_keys or ('image', 'label')
     self.image_key, self.label_key = keys[0], keys[1]
     label_feature = self.builder.info.features[self.label_key]
