@@ -165,7 +165,8 @@ def test_inspect_skips_outside_links_like_training(linked, capsys):
   assert code == 0 and report['classes'] == ['cane', 'cavallo']
   links = {s['path']: s for s in report['skipped']}
   assert set(links) == {os.path.join(linked, 'gatto'), os.path.join(linked, 'cane', 'out.jpg')}
-  assert all('outside the data root' in s['reason'] and s['split'] == 'all' for s in links.values())
+  assert all('outside the data root' in s['reason'] and 'set --follow_symlinks' in s['reason']
+             and s['split'] == 'all' for s in links.values())
   code, out, _ = _inspect(capsys, f'--root={linked}', '--json', '--follow_symlinks')
   report = json.loads(out)
   assert report['classes'] == ['cane', 'cavallo', 'gatto'] and report['skipped'] == []

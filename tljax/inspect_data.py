@@ -54,7 +54,7 @@ def _detect_label_file(root: str) -> str:
 
 def _folder_items(root: str, splits: list[str] | None, label_file: str, follow_symlinks: bool):
   """→ (class dirs, display names, [(split, class_dir, path)], layout, splits, skipped links)."""
-  guard = folder.LinkGuard(root, follow_symlinks)
+  guard = folder.LinkGuard(root, follow_symlinks, '--follow_symlinks')
   splits = splits if splits is not None else _detect_splits(root)
   layout = 'split' if splits else 'flat'
   for s in splits:
@@ -71,7 +71,7 @@ def _folder_items(root: str, splits: list[str] | None, label_file: str, follow_s
   items = []
   links = []
   for split, path in roots.items():
-    split_guard = folder.LinkGuard(root, follow_symlinks)
+    split_guard = folder.LinkGuard(root, follow_symlinks, '--follow_symlinks')
     for d in class_dirs:
       files = folder._files_under(os.path.join(path, d), split_guard) if d in per_root[path] else []
       items += [(split, d, f) for f in files]

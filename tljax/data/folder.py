@@ -56,11 +56,12 @@ class LinkGuard:
   Only symlinks are resolved (a walk that starts inside the root and
   enters only admitted directories stays inside it), so a plain folder
   costs no extra system calls. `skipped` collects `(path, reason)`, once
-  per path however often it is listed.
+  per path however often it is listed; `switch` is how the caller's user
+  turns following on.
   """
 
-  def __init__(self, root: str, follow: bool = False):
-    self.root, self.follow = root, follow
+  def __init__(self, root: str, follow: bool = False, switch: str = 'data.follow_symlinks=True'):
+    self.root, self.follow, self.switch = root, follow, switch
     self._real_root = os.path.realpath(root)
     self.skipped: list[tuple[str, str]] = []
     self._recorded: set[str] = set()
@@ -74,7 +75,7 @@ class LinkGuard:
     if path not in self._recorded:
       self._recorded.add(path)
       self.skipped.append((path, f'symlink to {target}, outside the data root {self.root}; set '
-                                 'data.follow_symlinks=True to follow it'))
+                                 f'{self.switch} to follow it'))
     return False
 
 
@@ -121,8 +122,7 @@ def _split_dir(root: str, dirname: str, guard: LinkGuard | None = None) -> str:
   path = os.path.join(root, dirname)
   if guard is not None and not guard.admits(path):
     raise ValueError(f'split folder {path} is a symlink to {os.path.realpath(path)}, outside the '
-                     'data root; set data.follow_symlinks=True to read it, or move it into the '
-                     'root.')
+                     f'data root; set {guard.switch} to read it, or move it into the root.')
   inner = _listdirs(path, guard)
   has_files = any(os.path.isfile(os.path.join(path, f)) for f in os.listdir(path))
   if inner == [dirname] and not has_files:
