@@ -92,7 +92,7 @@ def check_fits(path: str, model, variables: dict, meta: dict) -> None:
   Without it a wrong `arch` in metadata.json surfaces as a Flax scope
   traceback from inside the first forward pass.
   """
-  input_size = int(meta['preprocessing'].get('input_size', 224))
+  input_size = Preprocessing.from_json(meta['preprocessing']).input_size
   expected, got = _model_shapes(model, input_size), _shapes(variables)
   if expected == got:
     return
@@ -282,7 +282,7 @@ def run(weights: str, images: Sequence[str], topk: int = 5, as_json: bool = Fals
   if as_json:
     print(json.dumps({'weights': weights, 'arch': predictor.metadata['arch'], 'results': results},
                      indent=2, allow_nan=False))
-  else:
+  elif any('predictions' in r for r in results):
     print(format_text(results))
   return 1 if non_finite or any('error' in r for r in results) else 0
 
