@@ -125,11 +125,14 @@ def main(argv: list[str]) -> None:
     _run_mode(config)
   except OSError as e:
     _fail(_os_error(e))
-  except ValueError as e:   # tensorstore (orbax's writer) reports OS errors as ValueError text
-    code = re.search(r"os_error_code='(\d+)'", str(e))
-    if not code:
+  except ValueError as e:
+    code = re.search(r"os_error_code='(\d+)'", str(e))   # tensorstore's OS errors (orbax)
+    if code:
+      _fail(_os_error(OSError(int(code.group(1)), os.strerror(int(code.group(1))))))
+    if os.environ.get('TLJAX_TRACEBACK') == '1':
       raise
-    _fail(_os_error(OSError(int(code.group(1)), os.strerror(int(code.group(1))))))
+    # tljax raises ValueError for bad inputs (data, weights, sizes) with the fix in the message.
+    _usage(f'{_last_line(e)} (TLJAX_TRACEBACK=1 shows where it was raised)')
 
 
 def _run_mode(config) -> None:
