@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from tljax.checkpoint import Checkpointer
+from tljax.checkpoint import CheckpointError, Checkpointer
 
 
 def make_state(seed):
@@ -72,7 +72,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   ckpt.save(1, make_state(1), {'step': 1})
   ckpt.wait()
   _damage(os.path.join(tmp_path, 'checkpoints', '1'), 'truncate')
-  with pytest.raises(RuntimeError, match='no readable checkpoint.*Delete that directory'):
+  with pytest.raises(CheckpointError, match='no usable checkpoint.*delete that directory'):
     ckpt.restore_latest(target)
   assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', '1'))   # nothing moved or deleted
   ckpt.close()
