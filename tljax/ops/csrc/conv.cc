@@ -139,10 +139,11 @@ ffi::Error Check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions kd,
   if (kd[2] != xd[3] && (kd[1] != 1 || xd[3] < 1 || kd[2] % xd[3] || pt || pl))
     return ffi::Error::InvalidArgument(
         "conv: a kernel deeper than the input must be [KH, 1, KW*C, Cout] over a padded input");
-  if (yd[0] != g->n || yd[3] != g->cout || g->cout % 16 || sh < 1 || sw < 1 ||
-      pt < 0 || pl < 0)
+  if (yd[0] != g->n || yd[3] != g->cout || g->cout < 16 || g->cout % 16 || g->kh < 1 ||
+      g->kw < 1 || g->cin < 1 || sh < 1 || sw < 1 || pt < 0 || pl < 0)
     return ffi::Error::InvalidArgument(
-        "conv: inconsistent shapes, strides or padding (output channels must be a multiple of 16)");
+        "conv: inconsistent shapes, strides or padding (output channels must be a positive "
+        "multiple of 16, the kernel and the input channels non-empty)");
   return ffi::Error::Success();
 }
 
@@ -185,8 +186,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   std::vector<const float*> scratch(static_cast<size_t>(threads * taps * chunk));
   const int64_t items = (pixels + chunk - 1) / chunk;
-  // One [2, Cout] buffer per work item, added in item order (slot 0 is `stats` itself).
-  SlotSums item_sums(stats, stats ? 2 * g.cout : 0, stats ? items : 1);
+  // One [2, Cout] buffer per work item, added in item order (slot 0 is `stats` itself);
+  // an empty output (a VALID kernel larger than the map) still has one, zeroed.
+  SlotSums item_sums(stats, stats ? 2 * g.cout : 0, stats ? std::max<int64_t>(1, items) : 1);
   const bool finishes = stats || epilogue.scale || epilogue.residual || epilogue.relu;
   auto body = [&](int64_t item, int worker) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
@@ -323,7 +325,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t pixels = g.n * g.ho * g.wo, taps = g.kh * g.kw, size = taps * g.cin * g.cout;
   const int64_t chunks = (pixels + kGradPixels - 1) / kGradPixels;
   const int64_t width = size <= kBlockFloats ? g.cout
-      : std::clamp<int64_t>(kBlockFloats / (taps * g.cin) / 32 * 32, 32, g.cout);
+      : std::min(g.cout, std::max<int64_t>(32, kBlockFloats / (taps * g.cin) / 32 * 32));
   const int64_t blocks = (g.cout + width - 1) / width;
   const int64_t slots = std::min(ReductionSlots(chunks, size * sizeof(float)),
                                  (kMinItems + blocks - 1) / blocks);

@@ -120,9 +120,10 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
     int64_t j_lo = std::max<int64_t>(0, -iw0), j_hi = std::min(g.kw, g.w - iw0);
     typename B::T acc = B::Zero();
     for (int64_t i = i_lo; i < i_hi; ++i) {
-      const float* xr = xn + ((ih0 + i) * g.w + iw0) * g.c;
+      const float* xr = xn + (ih0 + i) * g.w * g.c;  // row start: iw0 may be negative
       const float* kr = k + i * g.kw * g.c + c0;
-      for (int64_t j = j_lo; j < j_hi; ++j) acc += B::Load(xr + j * g.c) * B::Load(kr + j * g.c);
+      for (int64_t j = j_lo; j < j_hi; ++j)
+        acc += B::Load(xr + (iw0 + j) * g.c) * B::Load(kr + j * g.c);
     }
     B::Store(yr + ow * g.c, finish(acc));
   };
