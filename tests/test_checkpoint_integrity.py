@@ -170,6 +170,45 @@ def test_digest_checks_every_leaf_and_itself(tmp_path):
     checkpoint._verify(damaged, meta, items)
 
 
+NOISE = """
+import glob, os, sys
+import numpy as np
+from tljax.checkpoint import Checkpointer
+w = sys.argv[1]
+def state(s):
+  rng = np.random.default_rng(s)
+  params = {f'layer{i}': {'kernel': rng.standard_normal((16, 16)).astype(np.float32),
+                          'bias': np.full(16, s, np.float32)} for i in range(12)}
+  return {'model': {'params': params, 'batch_stats': {}}, 'opt_state': {'mu': params},
+          'step': np.asarray(s), 'rng': np.zeros(4, np.uint32)}
+ckpt = Checkpointer(w, keep=6)
+for s in range(1, 6):
+  ckpt.save(s, state(s), {'step': s})
+ckpt.wait()
+for s in range(2, 6):   # a bit in each item's b-tree file: many reads in flight when one fails
+  for path in glob.glob(f'{w}/checkpoints/{s}/*/d/*'):
+    data = bytearray(open(path, 'rb').read())
+    data[len(data) // 2] ^= 0x04
+    open(path, 'wb').write(data)
+tgt = state(0)
+_, meta = ckpt.restore_latest(lambda m: {'model': tgt['model'],
+                                         'train': {k: tgt[k] for k in ('opt_state', 'step', 'rng')}})
+print('restored', meta['step'])
+ckpt.close()
+"""
+
+
+def test_fallback_prints_no_event_loop_noise(tmp_path):
+  """Abandoned orbax reads used to print "Event loop is closed" tracebacks after a failed restore."""
+  cmd, kw = _python(NOISE, str(tmp_path))
+  proc = subprocess.run(cmd, capture_output=True, timeout=300, **kw)
+  assert proc.returncode == 0, proc.stderr
+  assert 'restored 1' in proc.stdout
+  assert proc.stdout.count('WARNING: checkpoint') == 4
+  for noise in ('Event loop is closed', 'never retrieved', 'Traceback', 'checkpoints/'):
+    assert noise not in proc.stderr, proc.stderr   # the warnings went to stdout, once each
+
+
 HOLD = """
 import sys, time
 from tljax.workdir_lock import acquire

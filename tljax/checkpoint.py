@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as pylogging
 import os
 import re
+import sys
+import traceback
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -146,6 +149,67 @@ def _verify(digest: Mapping[str, Any] | None, meta: Mapping[str, Any],
   return checked, unchecked
 
 
+# ---- orbax's abandoned reads ----
+#
+# A failing array read makes orbax's `asyncio.gather` raise at once while its
+# sibling reads are still in flight, and orbax's `run_sync` then closes the
+# private event loop it ran on. The siblings complete later, and each way
+# they do prints a report: tensorstore calls `loop.call_soon_threadsafe` on
+# the closed loop and hands the RuntimeError to `PyErr_WriteUnraisable`
+# ("Event loop is closed" tracebacks), and tasks or gathers that failed
+# without anyone left to look are logged by asyncio as "... exception was
+# never retrieved" when collected. Nothing awaits those results and the
+# failure itself was caught, so once a restore has failed exactly these
+# reports go to the debug log instead of stderr; everything else still
+# reaches the previous hook and handlers.
+
+_STATUS = re.compile(r'[A-Z][A-Z_]+: ')   # tensorstore errors start with an absl status code
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  e = unraisable.exc_value
+  if unraisable.object is not None or not isinstance(e, RuntimeError):
+    return False
+  if str(e) != 'Event loop is closed' or unraisable.exc_traceback is None:
+    return False
+  return any(f.name == 'call_soon_threadsafe'
+             for f in traceback.extract_tb(unraisable.exc_traceback))
+
+
+class _AbandonedReadFilter(pylogging.Filter):
+  """Drops asyncio's "exception was never retrieved" records for tensorstore or orbax errors."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    if not str(record.msg).split('\n', 1)[0].endswith('exception was never retrieved'):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None:
+      return True
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+    if not (_STATUS.match(str(error)) or
+            any(f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in f.filename for f in frames)):
+      return True
+    logging.debug('dropped an abandoned checkpoint read: %s', error)
+    return False
+
+
+def _quiet_abandoned_reads() -> None:
+  if not getattr(sys.unraisablehook, 'tljax_quiets_abandoned_reads', False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if _is_closed_loop_callback(unraisable):
+        logging.debug('dropped a late tensorstore read for a failed checkpoint restore')
+      else:
+        previous(unraisable)
+
+    hook.tljax_quiets_abandoned_reads = True
+    sys.unraisablehook = hook
+  asyncio_logger = pylogging.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedReadFilter())
+
+
 def _reason(error: Exception) -> str:
   """The error in one line, without tensorstore's spec dumps, driver chain and repeated paths."""
   text = ' '.join(str(error).split())
@@ -254,6 +318,8 @@ class Checkpointer:
   @staticmethod
   def _failed(mngr: ocp.CheckpointManager, step: int, error: Exception) -> tuple[int, str]:
     logging.info('checkpoint %s/%s is unusable: %r', mngr.directory, step, error)
+    if not isinstance(error, _DigestMismatch):
+      _quiet_abandoned_reads()
     return step, _reason(error)
 
   def _set_aside(self, mngr: ocp.CheckpointManager, bad: list[tuple[int, str]], good: int) -> None:
