@@ -164,8 +164,9 @@ def test_handwritten_tensor_pickle_reads_strided_views(tmp_path):
 
 
 @pytest.mark.parametrize('numel,offset,size,stride,match', [
-    (12, 0, (4, 4), (4, 1), 'reads past the end'),
-    (12, 11, (2,), (1,), 'reads past the end'),
+    (12, 0, (4, 4), (4, 1), 'needs 16 elements, its storage holds 12 from offset 0'),
+    (12, 11, (2,), (1,), 'needs 2 elements, its storage holds 1 from offset 11'),
+    (12, 0, (2,), (12,), 'reads past the end'),
     (20, 0, (2,), (1,), r'has 48 bytes, needs 80'),
 ])
 def test_views_outside_their_storage_are_refused(tmp_path, numel, offset, size, stride, match):
