@@ -110,7 +110,7 @@ def test_flipped_bit_in_best_is_a_clean_error(tmp_path):
   assert '\n' not in msg and f'{tmp_path}/best' in msg, msg
   assert 'differ from the digest' in msg and '--config.eval.checkpoint=latest' in msg
   assert 'fresh --workdir' in msg
-  assert os.path.isdir(os.path.join(tmp_path, 'best', '5'))   # nothing moved: nothing to use instead
+  assert os.path.isdir(os.path.join(tmp_path, 'best', '5'))   # nothing to use instead: not moved
   ckpt.close()
 
 
@@ -131,7 +131,7 @@ def test_all_checkpoints_corrupt_is_one_clean_error(tmp_path, capsys):
 
 
 def test_checkpoint_without_digest_still_restores(tmp_path):
-  """Workdirs written before digests existed: the same items, no 'digest' (as the old save wrote)."""
+  """Workdirs written before digests existed: the same items as the old save wrote, no digest."""
   old = ocp.CheckpointManager(str(tmp_path / 'checkpoints'),
                               options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   s = make_state(4)
@@ -191,15 +191,15 @@ for s in range(2, 6):   # a bit in each item's b-tree file: many reads in flight
     data[len(data) // 2] ^= 0x04
     open(path, 'wb').write(data)
 tgt = state(0)
-_, meta = ckpt.restore_latest(lambda m: {'model': tgt['model'],
-                                         'train': {k: tgt[k] for k in ('opt_state', 'step', 'rng')}})
+train = {k: tgt[k] for k in ('opt_state', 'step', 'rng')}
+_, meta = ckpt.restore_latest(lambda m: {'model': tgt['model'], 'train': train})
 print('restored', meta['step'])
 ckpt.close()
 """
 
 
 def test_fallback_prints_no_event_loop_noise(tmp_path):
-  """Abandoned orbax reads used to print "Event loop is closed" tracebacks after a failed restore."""
+  """Abandoned orbax reads used to print "Event loop is closed" tracebacks after a failed restore"""
   cmd, kw = _python(NOISE, str(tmp_path))
   proc = subprocess.run(cmd, capture_output=True, timeout=300, **kw)
   assert proc.returncode == 0, proc.stderr
