@@ -142,3 +142,19 @@ def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_holder(tmp_path
   assert rc == 1, out + err
   line = _one_line_error(err)
   assert f'in use by pid {os.getpid()}' in line and 'another --workdir' in line, line
+
+
+def test_every_checkpoint_corrupt_is_one_line_in_train_and_eval(tmp_path):
+  workdir = tmp_path / 'w'
+  args = ('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={workdir}')
+  rc, out, err = _main(*args)
+  assert rc == 0, out + err
+  for path in (workdir / 'checkpoints').rglob('*'):
+    if path.is_file() and path.stat().st_size > 64:
+      data = bytearray(path.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      path.write_bytes(bytes(data))
+  for extra in ((), ('--mode=eval', '--config.eval.checkpoint=latest')):
+    rc, out, err = _main(*args, *extra)
+    assert rc == 1, out + err
+    assert 'checkpoint' in _one_line_error(err)

@@ -136,6 +136,7 @@ def main(argv: list[str]) -> None:
 
 
 def _run_mode(config) -> None:
+  from tljax.checkpoint import CheckpointError
   if FLAGS.mode == 'train':
     from tljax import train
     try:
@@ -143,11 +144,14 @@ def _run_mode(config) -> None:
     except train.Preempted as e:
       print(str(e), file=sys.stderr)
       sys.exit(143)
-    except (train.Diverged, train.workdir_lock.WorkdirInUse) as e:
+    except (train.Diverged, train.workdir_lock.WorkdirInUse, CheckpointError) as e:
       _fail(str(e))
   elif FLAGS.mode == 'eval':
     from tljax import evaluate
-    evaluate.evaluate(config, FLAGS.workdir)
+    try:
+      evaluate.evaluate(config, FLAGS.workdir)
+    except (CheckpointError, FileNotFoundError) as e:
+      _fail(str(e))
   else:
     from tljax import predict
     if not config.predict.images:
