@@ -22,14 +22,28 @@ Layers whose name Keras sets explicitly (`conv_pw_1`, `block_3_expand`,
 `predictions`, ...) are also checked by name. Everything that does not line
 up is reported in one `PortError`, with a guess of which architecture/alpha
 the file really holds.
+
+An `.h5` can point outside itself and can declare more than it holds, so
+the file is read in two passes. The first reads headers only and refuses,
+in one line naming the dataset: external links, soft links that do not
+resolve inside the file, datasets with external raw storage (their bytes
+come from any local file) or virtual ones, filters Keras never writes
+(only gzip, shuffle and fletcher32, as h5repack adds them, are allowed)
+and non-float types. Declared shapes are then matched against the model,
+and only a file that fits is read; gzip chunks are first inflated here with
+a bound, since HDF5's own inflate grows its buffer as far as a chunk asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
+import os
 import re
-from typing import Sequence
+import zlib
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,10 +132,27 @@ class KerasLayer:
     return self.path.startswith('head/')
 
 
+@dataclasses.dataclass(frozen=True)
+class H5Weight:
+  """A vetted weight dataset, known by its header only until `read` (once its shape fits)."""
+
+  dataset: Any
+  where: str
+  shape: tuple[int, ...]
+  filters: tuple[int, ...]
+
+  def read(self, path: str) -> np.ndarray:
+    _check_chunks(self, path)
+    out = np.empty(self.shape, np.float32)
+    if out.size:
+      self.dataset.read_direct(out)   # HDF5 converts float16/64 and byte order
+    return out
+
+
 @dataclasses.dataclass
 class FileLayer:
   name: str
-  weights: list[tuple[str, np.ndarray]]
+  weights: list[tuple[str, H5Weight]]
   real_name: bool = True   # False: Keras 3 files written before layer names were stored.
 
 
@@ -227,34 +258,217 @@ def _short(weight_name: str) -> str:
   return 'kernel' if short == 'depthwise_kernel' else short
 
 
-def read_h5(path: str) -> tuple[str, list[FileLayer] | dict[str, list[FileLayer]]]:
-  """('legacy', layers in topology order) or ('keras3', {layer class: layers in order})."""
+_GZIP, _SHUFFLE, _FLETCHER32 = 1, 2, 3   # HDF5's filter ids
+_FILTER_NAMES = {_GZIP: 'gzip', _SHUFFLE: 'shuffle', _FLETCHER32: 'fletcher32'}
+_FLOATS = tuple(np.dtype(f'{order}f{n}') for order in '<>' for n in (2, 4, 8))
+_MAX_ATTR_ITEMS = 1 << 20
+_MAX_SOFT_LINK_HOPS = 16
+
+
+def _unreadable(path: str, e: Exception) -> str:
+  detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+  if 'file signature not found' in detail:
+    return (f'{path}: not an HDF5 file (no HDF5 signature); --source=keras expects a Keras .h5 or '
+            '.weights.h5 file')
+  if 'truncated' in detail:
+    return f'{path}: HDF5 file is truncated ({detail}); download it again'
+  return (f'{path}: unreadable HDF5 file ({detail}); it is corrupt or truncated, download it '
+          'again')
+
+
+@contextlib.contextmanager
+def open_h5(path: str):
+  """The file, read-only; HDF5 errors inside become one-line `PortError`s."""
   import h5py
-  with h5py.File(path, 'r') as f:
-    root = f['model_weights'] if 'model_weights' in f else f
-    layer_names = _attr_list(root, 'layer_names')
-    if layer_names is not None:
-      layers = []
-      for name in layer_names:
-        group = root[name]
-        weight_names = _attr_list(group, 'weight_names') or []
-        if weight_names:
-          layers.append(FileLayer(name, [(w, np.asarray(group[w])) for w in weight_names]))
-      return 'legacy', layers
-    if isinstance(root.get('layers'), h5py.Group):
-      by_class: dict[str, list[tuple[int, FileLayer]]] = {}
-      for key, group in root['layers'].items():
-        vars_ = group.get('vars')
-        if not isinstance(vars_, h5py.Group) or not len(vars_):
-          continue
-        m = re.fullmatch(r'(.*?)(?:_(\d+))?', key)
-        name = vars_.attrs.get('name', key)
-        name = name.decode('utf8') if isinstance(name, bytes) else str(name)
-        weights = [(f'{name}/{i}', np.asarray(vars_[str(i)])) for i in range(len(vars_))]
-        layer = FileLayer(name, weights, real_name='name' in vars_.attrs)
-        by_class.setdefault(m.group(1), []).append((int(m.group(2) or 0), layer))
-      return 'keras3', {cls: [l for _, l in sorted(v, key=lambda t: t[0])]
-                        for cls, v in by_class.items()}
+  if not os.path.isfile(path):
+    raise PortError(f'{path}: no such file')
+  try:
+    f = h5py.File(path, 'r')
+  except OSError as e:
+    raise PortError(_unreadable(path, e)) from None
+  with f:
+    try:
+      yield f
+    except (OSError, RuntimeError) as e:
+      raise PortError(_unreadable(path, e)) from None
+
+
+def _walk(group, rel: str, path: str, hops: int = 0):
+  """The object at `rel` under `group` (None if absent), never leaving the file.
+
+  Each component is looked up as a link first: hard links are followed,
+  soft links only to an object inside the file, external and user-defined
+  links never (HDF5 itself would open whatever file they name).
+  """
+  import h5py
+  node = group.file if rel.startswith('/') else group
+  for part in (p for p in rel.split('/') if p and p != '.'):
+    if not isinstance(node, h5py.Group):
+      return None
+    where = f'{node.name.rstrip("/")}/{part}'
+    link = node.get(part, getlink=True)
+    if link is None:
+      return None
+    if isinstance(link, h5py.HardLink):
+      node = node[part]
+    elif isinstance(link, h5py.SoftLink):
+      if hops >= _MAX_SOFT_LINK_HOPS:
+        raise PortError(f'{path}: {where}: soft links nest more than {_MAX_SOFT_LINK_HOPS} deep '
+                        '(a loop?)')
+      target = _walk(node, link.path, path, hops + 1)
+      if target is None:
+        raise PortError(f'{path}: {where} is a soft link to {link.path}, which does not resolve '
+                        'inside the file')
+      node = target
+    elif isinstance(link, h5py.ExternalLink):
+      raise PortError(f'{path}: {where} is an external link to {link.filename}:{link.path}; '
+                      'links out of the file are not followed')
+    else:
+      raise PortError(f'{path}: {where} is a {type(link).__name__}; only hard links and soft '
+                      'links inside the file are followed')
+  return node
+
+
+def _dataset(group, rel: str, path: str) -> H5Weight:
+  """Vets the dataset at `rel` from its header alone: where its bytes live, filters, type."""
+  import h5py
+  from h5py import h5d
+  dset = _walk(group, rel, path)
+  where = f'{group.name.rstrip("/")}/{rel}'
+  if dset is None:
+    raise PortError(f'{path}: weight {where} is listed but missing from the file (truncated or '
+                    'corrupt)')
+  if not isinstance(dset, h5py.Dataset):
+    raise PortError(f'{path}: weight {where} is a {type(dset).__name__}, not a dataset')
+  where = dset.name
+  dcpl = dset.id.get_create_plist()
+  layout = dcpl.get_layout()
+  if layout == h5d.VIRTUAL:
+    raise PortError(f'{path}: dataset {where} is a virtual dataset (its data comes from other '
+                    'datasets or files); Keras never writes one')
+  if dcpl.get_external_count():
+    name = dcpl.get_external(0)[0].decode('utf8', 'replace')
+    raise PortError(f'{path}: dataset {where} uses external storage (its bytes come from '
+                    f'{name!r}, outside the .h5); Keras never writes one')
+  filters = tuple(dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters()))
+  for i, code in enumerate(filters):
+    if code not in _FILTER_NAMES:
+      name = dcpl.get_filter(i)[3].decode('utf8', 'replace')
+      raise PortError(f'{path}: dataset {where} uses HDF5 filter {name!r} (id {code}); Keras '
+                      'weights use none, or gzip, shuffle and fletcher32 at most')
+  if len(set(filters)) != len(filters):
+    raise PortError(f'{path}: dataset {where} applies one filter twice ({filters})')
+  try:
+    dtype = dset.dtype
+  except TypeError as e:
+    raise PortError(f'{path}: dataset {where} has an HDF5 type numpy cannot hold ({e})') from None
+  if dtype not in _FLOATS:
+    raise PortError(f'{path}: dataset {where} has dtype {dtype}; Keras weights are float16, '
+                    'float32 or float64')
+  if dset.shape is None:
+    raise PortError(f'{path}: dataset {where} has no dataspace (an empty placeholder)')
+  shape = tuple(int(n) for n in dset.shape)
+  if layout == h5d.CHUNKED and math.prod(dset.chunks) > max(1, math.prod(shape)):
+    raise PortError(f'{path}: dataset {where} declares chunks of {dset.chunks}, larger than its '
+                    f'shape {shape}')
+  return H5Weight(dset, where, shape, filters)
+
+
+def _check_chunks(w: H5Weight, path: str) -> None:
+  """Inflates each gzip chunk with a bound before HDF5 reads it (its inflate has none).
+
+  A 2.7 MB chunk declared for 64 floats inflates to 600 MB inside HDF5
+  before any size check; here no chunk may inflate past its chunk size.
+  """
+  if not w.filters:
+    return
+  dsid, chunks = w.dataset.id, w.dataset.chunks
+  chunk_bytes = math.prod(chunks) * w.dataset.dtype.itemsize
+  grid = math.prod(-(-n // c) for n, c in zip(w.shape, chunks))
+  count = dsid.get_num_chunks()
+  if count > grid:
+    raise PortError(f'{path}: dataset {w.where} stores {count} chunks, its shape has room for '
+                    f'{grid}')
+  gzip_bit = 1 << w.filters.index(_GZIP) if _GZIP in w.filters else 0
+  # fletcher32 applied before gzip on writing puts its 4-byte checksum inside the stream.
+  slack = 4 if _FLETCHER32 in w.filters and gzip_bit and       w.filters.index(_FLETCHER32) < w.filters.index(_GZIP) else 0
+  for i in range(count):
+    info = dsid.get_chunk_info(i)
+    if info.size > 2 * chunk_bytes + 1024:
+      raise PortError(f'{path}: dataset {w.where} stores a {info.size}-byte chunk for '
+                      f'{chunk_bytes} bytes of data')
+    if not gzip_bit or info.filter_mask & gzip_bit:
+      continue
+    _, raw = dsid.read_direct_chunk(info.chunk_offset)
+    try:
+      inflated = len(zlib.decompressobj().decompress(raw, chunk_bytes + slack + 1))
+    except zlib.error as e:
+      raise PortError(f'{path}: dataset {w.where} has a chunk that is not a gzip stream ({e}); '
+                      'file corrupt') from None
+    if inflated > chunk_bytes + slack:
+      raise PortError(f'{path}: dataset {w.where} has a gzip chunk that inflates past its '
+                      f'{chunk_bytes} bytes (a decompression bomb)')
+
+
+def _attr_list(group, name: str, path: str) -> list[str] | None:
+  """A string-list attribute; Keras splits long ones into `name0`, `name1`, ..."""
+  if name in group.attrs:
+    names = [name]
+  elif f'{name}0' in group.attrs:
+    names, i = [], 0
+    while f'{name}{i}' in group.attrs:
+      names.append(f'{name}{i}')
+      i += 1
+  else:
+    return None
+  values = []
+  for n in names:
+    attr = group.attrs.get_id(n)
+    items = math.prod(attr.shape or ())
+    if items > _MAX_ATTR_ITEMS or (items and attr.dtype.kind not in 'SUO'):
+      raise PortError(f'{path}: attribute {n} of {group.name} is not a list of names '
+                      f'({items} items of {attr.dtype})')
+    values += list(np.atleast_1d(group.attrs[n]))
+  return [v.decode('utf8') if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_h5(f, path: str) -> tuple[str, list[FileLayer] | dict[str, list[FileLayer]]]:
+  """('legacy', layers in topology order) or ('keras3', {layer class: layers in order}).
+
+  `f` is an open `h5py.File` (see `open_h5`); only headers are read.
+  """
+  import h5py
+  root = _walk(f, 'model_weights', path) if 'model_weights' in f else f
+  if not isinstance(root, h5py.Group):
+    raise PortError(f'{path}: model_weights is not a group; not a Keras weights file')
+  layer_names = _attr_list(root, 'layer_names', path)
+  if layer_names is not None:
+    layers = []
+    for name in layer_names:
+      group = _walk(root, name, path)
+      if not isinstance(group, h5py.Group):
+        raise PortError(f'{path}: layer_names lists {name!r} but the file has no such group '
+                        '(truncated or corrupt)')
+      weight_names = _attr_list(group, 'weight_names', path) or []
+      if weight_names:
+        layers.append(FileLayer(name, [(w, _dataset(group, w, path)) for w in weight_names]))
+    return 'legacy', layers
+  layers_group = _walk(root, 'layers', path) if 'layers' in root else None
+  if isinstance(layers_group, h5py.Group):
+    by_class: dict[str, list[tuple[int, FileLayer]]] = {}
+    for key in layers_group.keys():
+      group = _walk(layers_group, key, path)
+      vars_ = _walk(group, 'vars', path) if isinstance(group, h5py.Group) else None
+      if not isinstance(vars_, h5py.Group) or not len(vars_):
+        continue
+      m = re.fullmatch(r'(.*?)(?:_(\d+))?', key)
+      has_name = 'name' in vars_.attrs
+      name = (_attr_list(vars_, 'name', path) or [key])[0] if has_name else key
+      weights = [(f'{name}/{i}', _dataset(vars_, str(i), path)) for i in range(len(vars_))]
+      layer = FileLayer(name, weights, real_name=has_name)
+      by_class.setdefault(m.group(1), []).append((int(m.group(2) or 0), layer))
+    return 'keras3', {cls: [l for _, l in sorted(v, key=lambda t: t[0])]
+                      for cls, v in by_class.items()}
   raise PortError(f'{path} is not a Keras weights file: it has neither a `layer_names` attribute '
                   '(legacy .h5) nor a `layers` group (Keras 3 .weights.h5).')
 
@@ -270,11 +484,22 @@ def _pair(layout: str, content, expected: Sequence[KerasLayer]):
   return pairs, [l for layers in queues.values() for l in layers]
 
 
-def _convert(e: KerasLayer, fl: FileLayer) -> tuple[dict[str, np.ndarray], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """A Flax leaf to be read from `weight`, reshaped to `shape` (same elements, same order)."""
+
+  weight: H5Weight
+  shape: tuple[int, ...]
+
+  def read(self, path: str) -> np.ndarray:
+    return self.weight.read(path).reshape(self.shape)
+
+
+def _convert(e: KerasLayer, fl: FileLayer) -> tuple[dict[str, _Leaf], list[str]]:
   """Flax leaves of one layer (paths under 'params/' / 'batch_stats/') and any problems."""
   roles = _ROLES[e.kind]
   if len(fl.weights) != len(roles):
-    got = ', '.join(f'{w} {tuple(a.shape)}' for w, a in fl.weights)
+    got = ', '.join(f'{w} {a.shape}' for w, a in fl.weights)
     return {}, [f'{fl.name}: expected {len(roles)} weights ({", ".join(roles)}) for {e.path}, '
                 f'found {len(fl.weights)}: {got}']
   named = [_short(w) for w, _ in fl.weights]
@@ -282,19 +507,19 @@ def _convert(e: KerasLayer, fl: FileLayer) -> tuple[dict[str, np.ndarray], list[
     return {}, [f'{fl.name}: weights {named} where {e.path} needs {list(roles)}']
   out = {}
   for role, (_, a) in zip(roles, fl.weights):
-    a = np.asarray(a, np.float32)
+    shape = a.shape
     if role == 'kernel' and e.kind == 'dwconv':
-      if a.ndim != 4:
-        return {}, [f'{fl.name}: depthwise kernel of shape {a.shape} is not 4-D']
-      a = a.reshape(a.shape[0], a.shape[1], 1, a.shape[2] * a.shape[3])
+      if len(shape) != 4:
+        return {}, [f'{fl.name}: depthwise kernel of shape {shape} is not 4-D']
+      shape = (shape[0], shape[1], 1, shape[2] * shape[3])
     elif role == 'kernel' and e.kind == 'conv_dense':
-      if a.ndim != 4 or a.shape[:2] != (1, 1):
-        return {}, [f'{fl.name}: 1x1 conv classifier kernel expected, found shape {a.shape}']
-      a = a[0, 0]
+      if len(shape) != 4 or shape[:2] != (1, 1):
+        return {}, [f'{fl.name}: 1x1 conv classifier kernel expected, found shape {shape}']
+      shape = shape[2:]
     target = {'kernel': 'params/{}/kernel', 'bias': 'params/{}/bias', 'gamma': 'params/{}/scale',
               'beta': 'params/{}/bias', 'moving_mean': 'batch_stats/{}/mean',
               'moving_variance': 'batch_stats/{}/var'}[role]
-    out[target.format(e.path)] = a
+    out[target.format(e.path)] = _Leaf(a, shape)
   return out, []
 
 
@@ -359,15 +584,15 @@ def _match(layout, content, arch: str, num_classes: int, arch_kw: dict, strict_n
       want = shapes.get(key)
       if want is None:
         problems.append(f'{fl.name} → {key}: not in the model')
-      elif tuple(a.shape) != want:
-        problems.append(f'{fl.name} → {key}: file {tuple(a.shape)} vs model {want}')
+      elif a.shape != want:
+        problems.append(f'{fl.name} → {key}: file {a.shape} vs model {want}')
       flat[key] = a
     report.loaded_layers += 1
   if missing:
     problems.append(f'missing from the file ({len(missing)} layers): ' + ', '.join(missing))
   if leftover:
     problems.append(f'unexpected in the file ({len(leftover)} layers): ' + ', '.join(
-        f'{fl.name} {[tuple(a.shape) for _, a in fl.weights]}' for fl in leftover))
+        f'{fl.name} {[a.shape for _, a in fl.weights]}' for fl in leftover))
   return flat, model, shapes, report, problems
 
 
@@ -415,20 +640,23 @@ def convert_file(path: str, arch: str, num_classes: int = 1000, *, rng: jax.Arra
   """Like `from_keras`, also returning the `PortReport` (what was re-initialised or ignored)."""
   if arch not in ARCHS:
     raise ValueError(f'no Keras port for {arch!r}; choose one of {", ".join(ARCHS)}')
-  layout, content = read_h5(str(path))
-  flat, model, shapes, report, problems = _match(layout, content, arch, num_classes, arch_kw,
-                                                 strict_names)
-  absent = sorted(k for k in shapes if k not in flat and not
-                  (report.head_reason and k.split('/')[1] == 'head'))
-  if absent and not problems:
-    problems.append(f'model leaves not filled by the file: {", ".join(absent)}')
-  if problems:
-    lines = [f'{path} ({layout} layout) does not fit {_describe(arch, arch_kw)}.',
-             _guess(layout, content), 'Problems:']
-    lines += [f'  {p}' for p in problems[:60]]
-    if len(problems) > 60:
-      lines.append(f'  ... and {len(problems) - 60} more')
-    raise PortError('\n'.join(lines))
+  path = str(path)
+  with open_h5(path) as f:
+    layout, content = read_h5(f, path)
+    leaves, model, shapes, report, problems = _match(layout, content, arch, num_classes, arch_kw,
+                                                     strict_names)
+    absent = sorted(k for k in shapes if k not in leaves and not
+                    (report.head_reason and k.split('/')[1] == 'head'))
+    if absent and not problems:
+      problems.append(f'model leaves not filled by the file: {", ".join(absent)}')
+    if problems:
+      lines = [f'{path} ({layout} layout) does not fit {_describe(arch, arch_kw)}.',
+               _guess(layout, content), 'Problems:']
+      lines += [f'  {p}' for p in problems[:60]]
+      if len(problems) > 60:
+        lines.append(f'  ... and {len(problems) - 60} more')
+      raise PortError('\n'.join(lines))
+    flat = {key: leaf.read(path) for key, leaf in leaves.items()}
   if report.head_reason:
     rng = jax.random.key(0) if rng is None else rng
     width = shapes['params/head/logits/kernel'][0]
