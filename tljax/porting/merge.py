@@ -58,6 +58,31 @@ def check_and_merge(target: Mapping, source: Mapping, *, dont_load: Iterable[str
   return unflatten(merged), not_loaded
 
 
+def check_finite(variables: Mapping, what: str, *, allow_nonfinite: bool = False,
+                 opt_in: str = 'allow_nonfinite=True (python -m tljax.port: --allow_nonfinite)'
+                 ) -> None:
+  """Refuses NaN/inf in any float leaf unless `allow_nonfinite`.
+
+  A model built from such weights outputs NaN for every input, and nothing
+  points back at the file; the refusal names the first bad leaf and its
+  count of non-finite values.
+  """
+  if allow_nonfinite:
+    return
+  bad = []
+  for key, value in flatten(variables).items():
+    a = np.asarray(value)
+    if a.dtype.kind in 'fc':
+      count = a.size - int(np.count_nonzero(np.isfinite(a)))
+      if count:
+        bad.append((key, count, a.size))
+  if bad:
+    key, count, size = bad[0]
+    more = f' ({len(bad) - 1} more tensors also)' if len(bad) > 1 else ''
+    raise PortError(f'{what}: {key} holds {count} non-finite values (NaN/inf) of {size}{more}; '
+                    f'such weights make every prediction NaN. Pass {opt_in} to accept them.')
+
+
 def with_new_head(variables: Mapping, model, rng: jax.Array, input_shape: tuple[int, ...],
                   *, head_pattern: str = r'^(params|batch_stats)/head/logits/') -> tuple[dict, list[str]]:
   """Keeps every pretrained leaf except the final classifier, which is re-initialised.

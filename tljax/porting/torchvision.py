@@ -28,7 +28,7 @@ from tljax.porting import torchvision_mobilenet
 from tljax.porting.catalog import (TORCHVISION_RESIZE_232, TORCHVISION_RESIZE_256, WeightSpec,
                                    torchvision_entries)
 from tljax.porting.convert import StateDictReader
-from tljax.porting.merge import PortError, check_and_merge, flatten, unflatten
+from tljax.porting.merge import PortError, check_and_merge, check_finite, flatten, unflatten
 from tljax.porting.pickle_reader import load_state_dict
 
 
@@ -93,8 +93,12 @@ def _zeros_like(shapes) -> dict:
 
 
 def port(path_or_state_dict: str | os.PathLike | Mapping[str, np.ndarray], arch: str,
-         num_classes: int = 1000, rng: jax.Array | None = None) -> tuple[dict, list[str]]:
-  """Returns ({'params', 'batch_stats'} as numpy arrays, re-initialised leaf paths)."""
+         num_classes: int = 1000, rng: jax.Array | None = None,
+         allow_nonfinite: bool = False) -> tuple[dict, list[str]]:
+  """Returns ({'params', 'batch_stats'} as numpy arrays, re-initialised leaf paths).
+
+  NaN/inf in the ported weights are refused unless `allow_nonfinite=True`.
+  """
   if arch not in CONVERTERS:
     raise ValueError(f'no torchvision converter for {arch!r}; known: {", ".join(ARCHS)}')
   if isinstance(path_or_state_dict, (str, os.PathLike)):
@@ -126,13 +130,16 @@ def port(path_or_state_dict: str | os.PathLike | Mapping[str, np.ndarray], arch:
     variables, replaced = _with_new_logits(variables, arch, num_classes, rng)
     logging.info('%s: %d-class head replaced by a freshly initialised %d-class head: %s', what,
                  ckpt_classes, num_classes, ', '.join(replaced))
-  return jax.tree_util.tree_map(np.asarray, variables), replaced
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  check_finite(variables, what, allow_nonfinite=allow_nonfinite)
+  return variables, replaced
 
 
 def from_torchvision(path_or_state_dict, arch: str, num_classes: int = 1000,
-                     rng: jax.Array | None = None) -> dict:
+                     rng: jax.Array | None = None, allow_nonfinite: bool = False) -> dict:
   """`{'params', 'batch_stats'}` for `tljax.models.create(arch, num_classes)`."""
-  return port(path_or_state_dict, arch, num_classes=num_classes, rng=rng)[0]
+  return port(path_or_state_dict, arch, num_classes=num_classes, rng=rng,
+              allow_nonfinite=allow_nonfinite)[0]
 
 
 

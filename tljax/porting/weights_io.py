@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tljax.porting.merge import PortError, flatten, unflatten
+from tljax.porting.merge import PortError, check_finite, flatten, unflatten
 
 WEIGHTS_FILE = 'weights.safetensors'
 METADATA_FILE = 'metadata.json'
@@ -50,8 +50,12 @@ def load_metadata(directory: str) -> dict:
   return meta
 
 
-def load_weights(directory: str) -> tuple[dict, dict]:
-  """Returns `({'params': ..., 'batch_stats': ...}, metadata)`."""
+def load_weights(directory: str, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+  """Returns `({'params': ..., 'batch_stats': ...}, metadata)`.
+
+  The port refused NaN/inf weights, so finding some here means the file was
+  changed since (or the port opted in): refused unless `allow_nonfinite=True`.
+  """
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
   meta = load_metadata(directory)
@@ -62,4 +66,7 @@ def load_weights(directory: str) -> tuple[dict, dict]:
     arrays = load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise PortError(f'{path} is corrupt or truncated ({e}); re-run `python -m tljax.port`.') from e
-  return unflatten(arrays), meta
+  variables = unflatten(arrays)
+  check_finite(variables, path, allow_nonfinite=allow_nonfinite,
+               opt_in='allow_nonfinite=True to load_weights')
+  return variables, meta
