@@ -71,7 +71,41 @@ def test_bad_rules_are_rejected_with_the_reason(cnn, rule, message):
     optim.param_labels(params, rule, blocks)
 
 
-@pytest.mark.parametrize('name', ['adam', 'adamw', 'sgd', 'rmsprop'])
+def test_the_trainable_grammar_parses_into_terms():
+  T = optim.Term
+  assert optim.parse_trainable('head') == (T('head'),)
+  assert optim.parse_trainable('head+top:2+stages:1+all') == (
+      T('head'), T('top', 2), T('stages', 1), T('all'))
+  assert optim.parse_trainable(r're:layer4_\d+/+head') == (T('re', r'layer4_\d+/'), T('head'))
+  assert optim.parse_trainable('re:a+b+re:c') == (T('re', 'a+b'), T('re', 'c'))
+  assert str(T('top', 3)) == 'top:3'
+
+
+@pytest.mark.parametrize('rule, message', [
+    ('backbone', "unknown trainable term 'backbone'; use '\\+'-joined terms: head \\| all"),
+    ('head+', "unknown trainable term ''"),
+    ('head+backbone', "unknown trainable term 'backbone'"),
+    ('head:1', "'head:1' takes no argument"),
+    ('top:0', "'top:0' needs a count N >= 1"),
+    ('stages:x', "'stages:x' needs a count N >= 1"),
+    ('re:', "'re:' needs a regex"),
+    ('re:[a', "'re:\\[a' has a bad regex"),
+])
+def test_the_parser_names_the_bad_term_and_the_grammar(rule, message):
+  with pytest.raises(ValueError, match=message):
+    optim.parse_trainable(rule)
+
+
+def test_labels_accept_parsed_terms_and_regex_quantifiers(cnn):
+  _, params, blocks = cnn
+  parsed = optim.parse_trainable('re:conv\\d+/kernel+head')
+  assert (_trainable(optim.param_labels(params, parsed, blocks))
+          == _trainable(optim.param_labels(params, 're:conv\\d+/kernel+head', blocks))
+          == sorted(['backbone/conv0/kernel', 'backbone/conv1/kernel', 'head/hidden0/bias',
+                     'head/hidden0/kernel', 'head/logits/bias', 'head/logits/kernel']))
+
+
+@pytest.mark.parametrize('name', sorted(optim.OPTIMIZERS))
 def test_frozen_leaves_hold_no_state_and_get_no_update(cnn, name):
   _, params, blocks = cnn
   p = phase('x', trainable='head', optimizer=name, weight_decay=0.1)

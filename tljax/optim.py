@@ -7,12 +7,18 @@ no optimizer state (unlike `scale(0)`), so a frozen ResNet backbone costs no
 Adam moments. Weight decay gets its own mask (trainable kernels only): an
 optax mask stops updates but would otherwise still decay BN scales and
 biases.
+
+Every name a phase may give (`optimizer`, `schedule`, `bn`, the `trainable`
+terms) is a key of one registry here (OPTIMIZERS, SCHEDULES, BN_POLICIES,
+TERMS); `tljax.config.validate` checks names against the same dicts, so a
+new choice is added in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,6 +28,12 @@ import optax
 from flax import traverse_util
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
+
+
+def _lookup(registry: Mapping, field: str, name: str):
+  if name not in registry:
+    raise ValueError(f'unknown {field} {name!r}; use one of {", ".join(map(repr, registry))}')
+  return registry[name]
 
 
 def backbone_blocks(model: nn.Module, params: Mapping, input_shape: tuple[int, ...]) -> list[list[str]]:
@@ -73,42 +85,124 @@ def _stages(blocks: list[list[str]]) -> list[list[str]]:
   return stages
 
 
-def param_labels(params: Mapping, rule: str, blocks: list[list[str]] | None = None) -> dict:
-  """Labels every leaf of `params` by `rule` ('+'-joined terms, see `tljax.config.phase`).
+TRAINABLE_GRAMMAR = ("'+'-joined terms: head | all | top:N (last N backbone blocks) | "
+                     "stages:N (last N name-prefix groups) | "
+                     "re:<regex on 'backbone/.../kernel' paths>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One parsed `trainable` term: `kind` is a key of `TERMS`, `arg` its N or regex (else None)."""
+
+  kind: str
+  arg: int | str | None = None
+
+  def __str__(self) -> str:
+    return self.kind if self.arg is None else f'{self.kind}:{self.arg}'
+
+
+def _select_all(flat, term, blocks):
+  return set(flat)
+
+
+def _select_head(flat, term, blocks):
+  return {k for k in flat if k.startswith('head/')}
+
+
+def _select_groups(flat, term, blocks):
+  if blocks is None:
+    raise ValueError(f"'{term}' needs the backbone block order; pass blocks=backbone_blocks(...)")
+  groups = blocks if term.kind == 'top' else _stages(blocks)
+  if not 1 <= term.arg <= len(groups):
+    raise ValueError(f"'{term}': the backbone has {len(groups)} "
+                     f'{"blocks" if term.kind == "top" else "stages"}: {[g[0] for g in groups]}')
+  names = {name for g in groups[-term.arg:] for name in g}
+  return {k for k in flat if k.startswith('backbone/') and k.split('/')[1] in names}
+
+
+def _select_regex(flat, term, blocks):
+  pattern = re.compile(term.arg)
+  hit = {k for k in flat if pattern.search(k)}
+  if not hit:
+    tops = sorted({'/'.join(k.split('/')[:2]) for k in flat})
+    raise ValueError(f"trainable term '{term}' matches no parameter; paths look like "
+                     f'"backbone/<module>/.../kernel". Top-level modules: {tops}')
+  return hit
+
+
+# kind → (argument type: None, 'int' or 'regex'; selector of '/'-joined parameter paths).
+TERMS = {
+    'head': (None, _select_head),
+    'all': (None, _select_all),
+    'top': ('int', _select_groups),
+    'stages': ('int', _select_groups),
+    're': ('regex', _select_regex),
+}
+# Inside a regex term, only a '+' before a term's keyword starts the next term, so a regex may
+# use '+' as a quantifier ('re:layer4_\d+/+head').
+_REGEX_END = re.compile(r'\+(?=(?:head|all)(?:\+|$)|(?:top|stages|re):)')
+
+
+def _split_terms(rule: str) -> list[str]:
+  texts, pos = [], 0
+  while True:
+    if rule.startswith('re:', pos):
+      match = _REGEX_END.search(rule, pos)
+      end = match.start() if match else -1
+    else:
+      end = rule.find('+', pos)
+    if end < 0:
+      return texts + [rule[pos:]]
+    texts.append(rule[pos:end])
+    pos = end + 1
+
+
+def parse_trainable(rule: str) -> tuple[Term, ...]:
+  """The one parser of the `trainable` grammar (see TRAINABLE_GRAMMAR).
+
+  Config validation calls it before anything is loaded, and `param_labels`
+  applies its result, so the two can never disagree on what a rule means.
+  Raises ValueError naming the bad term and the grammar.
+  """
+  terms = []
+  for text in _split_terms(str(rule)):
+    kind, colon, arg = text.partition(':')
+    if kind not in TERMS:
+      raise ValueError(f'unknown trainable term {text!r}; use {TRAINABLE_GRAMMAR}')
+    arg_type = TERMS[kind][0]
+    if arg_type is None:
+      if colon:
+        raise ValueError(f'trainable term {text!r} takes no argument; use {TRAINABLE_GRAMMAR}')
+      terms.append(Term(kind))
+    elif arg_type == 'int':
+      if not (arg.isdigit() and int(arg) >= 1):
+        raise ValueError(f'trainable term {text!r} needs a count N >= 1; use {TRAINABLE_GRAMMAR}')
+      terms.append(Term(kind, int(arg)))
+    else:
+      if not arg:
+        raise ValueError(f'trainable term {text!r} needs a regex; use {TRAINABLE_GRAMMAR}')
+      try:
+        re.compile(arg)
+      except re.error as e:
+        raise ValueError(f'trainable term {text!r} has a bad regex ({e})') from None
+      terms.append(Term(kind, arg))
+  return tuple(terms)
+
+
+def param_labels(params: Mapping, rule: str | Sequence[Term],
+                 blocks: list[list[str]] | None = None) -> dict:
+  """Labels every leaf of `params` by `rule` (a `trainable` string or `parse_trainable`'s terms).
 
   Raises if a term selects nothing (a typo in a regex must not silently
   freeze the whole model) or if the rule leaves nothing trainable.
   """
+  terms = parse_trainable(rule) if isinstance(rule, str) else tuple(rule)
   flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(dict(params)).items()}
   selected: set[str] = set()
-  for term in rule.split('+'):
-    if term == 'all':
-      hit = set(flat)
-    elif term == 'head':
-      hit = {k for k in flat if k.startswith('head/')}
-    elif term.startswith(('top:', 'stages:')):
-      if blocks is None:
-        raise ValueError(f'{term!r} needs the backbone block order; pass blocks=backbone_blocks(...)')
-      n = int(term.split(':')[1])
-      groups = blocks if term.startswith('top:') else _stages(blocks)
-      if not 1 <= n <= len(groups):
-        raise ValueError(f'{term!r}: the backbone has {len(groups)} '
-                         f'{"blocks" if term.startswith("top:") else "stages"}: '
-                         f'{[g[0] for g in groups]}')
-      names = {name for g in groups[-n:] for name in g}
-      hit = {k for k in flat if k.startswith('backbone/') and k.split('/')[1] in names}
-    elif term.startswith('re:'):
-      pattern = re.compile(term[3:])
-      hit = {k for k in flat if pattern.search(k)}
-      if not hit:
-        tops = sorted({'/'.join(k.split('/')[:2]) for k in flat})
-        raise ValueError(f'trainable term {term!r} matches no parameter; paths look like '
-                         f'"backbone/<module>/.../kernel". Top-level modules: {tops}')
-    else:
-      raise ValueError(f'unknown trainable term {term!r}; use head, all, top:N, stages:N, re:<regex>')
-    selected |= hit
+  for term in terms:
+    selected |= TERMS[term.kind][1](flat, term, blocks)
   if not selected:
-    raise ValueError(f'trainable rule {rule!r} selects no parameter')
+    raise ValueError(f"trainable rule {'+'.join(map(str, terms))!r} selects no parameter")
   labels = {k: TRAINABLE if k in selected else FROZEN for k in flat}
   assert len(labels) == len(flat) and set(labels.values()) <= {TRAINABLE, FROZEN}
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in labels.items()})
@@ -141,35 +235,65 @@ def _kernel_mask(params):
       lambda path, x: getattr(path[-1], 'key', None) == 'kernel' and np.ndim(x) >= 2, params)
 
 
+def _constant(phase, total: int, warmup: int) -> optax.Schedule:
+  if not warmup:
+    return optax.constant_schedule(phase.lr)
+  return optax.join_schedules([optax.linear_schedule(0.0, phase.lr, warmup),
+                               optax.constant_schedule(phase.lr)], [warmup])
+
+
+def _cosine(phase, total: int, warmup: int) -> optax.Schedule:
+  """Cosine decay to `lr * end_lr_factor` over the phase, after the linear warm-up."""
+  if not warmup:
+    return optax.cosine_decay_schedule(phase.lr, total, alpha=phase.end_lr_factor)
+  return optax.warmup_cosine_decay_schedule(0.0, phase.lr, warmup, max(total, warmup + 1),
+                                            phase.lr * phase.end_lr_factor)
+
+
+# phase.schedule → (phase, total steps, warm-up steps) → optax schedule; validation reads the
+# keys.
+SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {'constant': _constant, 'cosine': _cosine}
+
+
 def schedule(phase, steps_per_epoch: int) -> optax.Schedule:
   """Per-phase learning rate as a function of the phase's own step count."""
   total = max(1, int(phase.epochs * steps_per_epoch))
   warmup = int(round(phase.warmup_epochs * steps_per_epoch))
-  if phase.schedule == 'constant':
-    if not warmup:
-      return optax.constant_schedule(phase.lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, phase.lr, warmup),
-                                 optax.constant_schedule(phase.lr)], [warmup])
-  if phase.schedule == 'cosine':
-    end = phase.lr * phase.end_lr_factor
-    if not warmup:
-      return optax.cosine_decay_schedule(phase.lr, total, alpha=phase.end_lr_factor)
-    return optax.warmup_cosine_decay_schedule(0.0, phase.lr, warmup, max(total, warmup + 1), end)
-  raise ValueError(f"schedule must be 'constant' or 'cosine', got {phase.schedule!r}")
+  return _lookup(SCHEDULES, 'schedule', phase.schedule)(phase, total, warmup)
 
 
-def _base_optimizer(phase, lr: optax.Schedule) -> optax.GradientTransformation:
-  if phase.optimizer == 'adam':
-    return optax.adam(lr, b1=phase.b1, b2=phase.b2, eps=phase.eps)
-  if phase.optimizer == 'adamw':
-    return optax.adamw(lr, b1=phase.b1, b2=phase.b2, eps=phase.eps,
-                       weight_decay=phase.weight_decay, mask=_kernel_mask)
-  if phase.optimizer == 'sgd':
-    return optax.sgd(lr, momentum=phase.momentum or None)
-  if phase.optimizer == 'rmsprop':
-    return optax.rmsprop(lr, decay=phase.rmsprop_decay, eps=phase.eps,
-                         momentum=phase.momentum or None)
-  raise ValueError(f'unknown optimizer {phase.optimizer!r}; use adam, adamw, sgd or rmsprop')
+def _adam(phase, lr):
+  return optax.adam(lr, b1=phase.b1, b2=phase.b2, eps=phase.eps)
+
+
+def _adamw(phase, lr):
+  return optax.adamw(lr, b1=phase.b1, b2=phase.b2, eps=phase.eps,
+                     weight_decay=phase.weight_decay, mask=_kernel_mask)
+
+
+def _sgd(phase, lr):
+  return optax.sgd(lr, momentum=phase.momentum or None)
+
+
+def _rmsprop(phase, lr):
+  return optax.rmsprop(lr, decay=phase.rmsprop_decay, eps=phase.eps,
+                       momentum=phase.momentum or None)
+
+
+# phase.optimizer → (phase, lr schedule) → optax transformation; validation reads the keys.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    'adam': _adam, 'adamw': _adamw, 'sgd': _sgd, 'rmsprop': _rmsprop}
+# Optimizers whose own update applies `weight_decay` (decoupled); the rest get L2 on the gradient.
+DECOUPLED_DECAY = ('adamw',)
+
+# phase.bn → whether the backbone's BatchNorm runs in training mode (batch statistics, running
+# averages updated); 'frozen' uses and keeps the running averages.
+BN_POLICIES = {'frozen': False, 'train': True}
+
+
+def bn_train(phase) -> bool:
+  """Whether the phase runs the backbone's BatchNorm in training mode (its `bn` policy)."""
+  return _lookup(BN_POLICIES, 'bn', phase.bn)
 
 
 def make_optimizer(phase, labels: Mapping, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -183,8 +307,8 @@ def make_optimizer(phase, labels: Mapping, steps_per_epoch: int) -> optax.Gradie
   chain = []
   if phase.grad_clip:
     chain.append(optax.clip_by_global_norm(phase.grad_clip))
-  if phase.weight_decay and phase.optimizer != 'adamw':
+  if phase.weight_decay and phase.optimizer not in DECOUPLED_DECAY:
     chain.append(optax.masked(optax.add_decayed_weights(phase.weight_decay), _kernel_mask))
-  chain.append(_base_optimizer(phase, lr))
+  chain.append(_lookup(OPTIMIZERS, 'optimizer', phase.optimizer)(phase, lr))
   return optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()},
                                labels)
