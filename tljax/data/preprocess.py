@@ -61,6 +61,9 @@ KERAS_TF = Preprocessing(resize=299, resize_mode='exact', input_size=299, mean=(
                          std=(127.5,) * 3)
 EFFICIENTNET_LITE = Preprocessing(mean=(127.0,) * 3, std=(128.0,) * 3, interpolation='bicubic')
 
+# The named presets a config may ask for (`config.preprocessing`); validation reads the keys.
+PRESETS = {'torchvision': TORCHVISION, 'keras_tf': KERAS_TF, 'efficientnet_lite': EFFICIENTNET_LITE}
+
 _RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST}
 
 

@@ -180,6 +180,14 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+# Head pool: feature map [N, h, w, C] → [N, features]; `tljax.config.validate` reads the keys.
+POOLS = {
+    'avg': lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype),
+    'max': lambda x: jnp.max(x, axis=(1, 2)),
+    'flatten': lambda x: x.reshape(x.shape[0], -1),
+}
+
+
 class Head(nn.Module):
   """Pool → optional hidden Dense layers → dropout → `logits` Dense.
 
@@ -212,13 +220,9 @@ class Head(nn.Module):
   def pool_features(self, features):
     if features.ndim == 2:
       return features
-    if self.pool == 'avg':
-      return jnp.mean(features.astype(jnp.float32), axis=(1, 2)).astype(features.dtype)
-    if self.pool == 'max':
-      return jnp.max(features, axis=(1, 2))
-    if self.pool == 'flatten':
-      return features.reshape(features.shape[0], -1)
-    raise ValueError(f"head pool must be 'avg', 'max' or 'flatten', got {self.pool!r}")
+    if self.pool not in POOLS:
+      raise ValueError(f'head pool must be one of {", ".join(map(repr, POOLS))}, got {self.pool!r}')
+    return POOLS[self.pool](features)
 
 
 class Classifier(nn.Module):
