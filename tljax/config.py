@@ -4,6 +4,14 @@ Every recipe in `configs/` starts from `base_config()` and changes fields, so
 all recipes share one set of keys and `--config.x=…` overrides are checked
 against it (the config is locked). `validate` runs before any data or weights
 are touched, so a typo in a launch flag costs a second, not an epoch.
+
+Each choice a field names is checked against the registry that builds it
+(`tljax.optim.OPTIMIZERS`, `SCHEDULES`, `BN_POLICIES`, the `trainable`
+parser; `tljax.models.layers.POOLS`, `ACTIVATIONS`; `tljax.components`
+`PRETRAINED`, `DTYPES`, `LOSSES`; `tljax.data.preprocess.PRESETS`), so no
+list of allowed values exists twice. They are imported inside `validate`:
+recipes import this module while flags are parsed, before anything heavy is
+needed.
 """
 
 from __future__ import annotations
@@ -11,43 +19,31 @@ from __future__ import annotations
 import copy
 import math
 import re
+from typing import Any, Sequence
 
 import ml_collections
 
 from tljax.data.config import (default_augment_config, default_data_config, validate_augment_config,
                                validate_data_config)
 
-OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
-SCHEDULES = ('constant', 'cosine')
-BN_POLICIES = ('frozen', 'train')
-LOSSES = ('softmax', 'sigmoid')
-DTYPES = ('float32', 'bfloat16')
-PRETRAINED = ('none', 'dir', 'efficientnet_lite')
-PREPROCESSING = ('', 'torchvision', 'keras_tf', 'efficientnet_lite')
-POOLS = ('avg', 'max', 'flatten')
-_TRAINABLE_TERM = re.compile(r'^(head|all|top:\d+|stages:\d+|re:.+)$')
-
-
 def phase(name: str, **kw) -> ml_collections.ConfigDict:
   """One training phase; unspecified fields take these defaults."""
   p = ml_collections.ConfigDict(dict(
       name=name,
       epochs=1,
-      # '+'-joined terms: head | all | top:N (last N backbone blocks in execution order) |
-      # stages:N (last N name-prefix groups) | re:<regex on 'backbone/…/kernel' paths>.
-      trainable='head',
-      optimizer='adam',
+      trainable='head',      # tljax.optim.TRAINABLE_GRAMMAR, e.g. 'head+top:2' or 're:^head/'
+      optimizer='adam',      # a key of tljax.optim.OPTIMIZERS
       lr=1e-3,
       momentum=0.9,          # sgd; rmsprop when > 0 (Keras RMSprop has none: set 0)
       b1=0.9, b2=0.999,      # adam/adamw
       eps=1e-7,              # Keras' default for Adam/RMSprop
       rmsprop_decay=0.9,
       weight_decay=0.0,      # on trainable kernels only
-      schedule='constant',
+      schedule='constant',   # a key of tljax.optim.SCHEDULES
       warmup_epochs=0.0,
       end_lr_factor=0.0,     # cosine: final lr = lr * end_lr_factor
       grad_clip=0.0,         # global-norm clip, 0 = off
-      bn='frozen',           # frozen: running statistics used, never updated
+      bn='frozen',           # tljax.optim.BN_POLICIES; frozen: running statistics, never updated
       precise_bn=0,          # bn='train': re-estimate BN statistics from N train batches per epoch
       augment=True,          # False: the eval transform (resize + normalise) only
       cache_features=True,   # head-only + frozen BN + deterministic inputs → features computed once
@@ -74,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
       path='',
       dont_load=(r'^(params|batch_stats)/head/',),  # regexes; the new head is always fresh
   ))
-  c.preprocessing = ''       # '' = from the weights' metadata, else the model family's preset
+  c.preprocessing = ''       # '' = from the weights' metadata, else the model family's preset;
+                             # or a key of tljax.data.preprocess.PRESETS
   c.input_size = 0           # 0 = the preprocessing's input size
   c.load_size = 0            # decoded cache size; 0 = input size (crops then zoom in)
   c.data = default_data_config()
@@ -113,19 +110,48 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def config_args(arg: str, allowed=('tiny',)) -> set[str]:
-  """Parses a config file's `:a,b` argument (`--config=configs/x.py:tiny`)."""
-  options = set(filter(None, arg.split(',')))
-  unknown = options - set(allowed)
-  if unknown:
-    raise ValueError(f'unknown config arguments {sorted(unknown)}; use {", ".join(allowed)} '
-                     'or nothing')
-  return options
+def config_args(arg: str, **choices: Sequence[str]) -> dict[str, Any]:
+  """Parses a recipe's argument, `--config=configs/x.py:key=value,...,tiny`.
+
+  One grammar for every recipe: comma-separated `key=value` items, each key
+  one of `choices` (key → allowed values, the first being the default), plus
+  the bare switch `tiny`. A recipe that serves several models of one dataset
+  takes `model=...` here instead of living in several files that repeat its
+  data block. Returns {key: value, ..., 'tiny': bool}; anything else is a
+  ValueError naming the bad item and every argument the recipe takes.
+  """
+  if 'tiny' in choices:
+    raise ValueError("'tiny' is the test switch; a recipe cannot redefine it")
+  takes = ', '.join(['tiny'] + [f'{k}={"|".join(v)}' for k, v in choices.items()])
+  args: dict[str, Any] = {k: v[0] for k, v in choices.items()}
+  args['tiny'] = False
+  given: set[str] = set()
+  for item in filter(None, (part.strip() for part in arg.split(','))):
+    key, eq, value = item.partition('=')
+    if not eq and item == 'tiny':
+      args['tiny'] = True
+      continue
+    if not eq:
+      owner = next((k for k, v in choices.items() if item in v), None)
+      hint = f' (write {owner}={item})' if owner else ''
+      raise ValueError(f'unknown config argument {item!r}{hint}; this recipe takes {takes} '
+                       '(comma-separated)')
+    if key not in choices:
+      raise ValueError(f'unknown config argument {key!r} in {item!r}; this recipe takes {takes} '
+                       '(comma-separated)')
+    if value not in choices[key]:
+      raise ValueError(f'config argument {key}={value!r} is invalid; use one of '
+                       f'{", ".join(choices[key])}')
+    if key in given:
+      raise ValueError(f'config argument {key!r} is given twice in {arg!r}')
+    given.add(key)
+    args[key] = value
+  return args
 
 
-def finalize(c: ml_collections.ConfigDict, options: set[str]) -> ml_collections.ConfigDict:
-  """Applies the `tiny` test switch when asked, then locks the config."""
-  if 'tiny' in options:
+def finalize(c: ml_collections.ConfigDict, args: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Applies the `tiny` test switch when `config_args` found it, then locks the config."""
+  if args['tiny']:
     c = tiny(c)
   c.lock()
   return c
@@ -165,26 +191,30 @@ def _fail(field: str, value, expected: str):
 
 
 def _choice(field, value, options):
+  """`options` is a registry (its keys are the names) or a tuple of names."""
   if value not in options:
     _fail(field, value, 'use one of ' + ', '.join(repr(o) for o in options))
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field, the bad value and what is allowed."""
-  from tljax import models
+  from tljax import components, models
+  from tljax.data import preprocess
+  from tljax.models import layers
   _choice('model.name', c.model.name, models.NAMES)
-  _choice('model.dtype', c.model.dtype, DTYPES)
-  _choice('model.head.pool', c.model.head.pool, POOLS)
+  _choice('model.dtype', c.model.dtype, components.DTYPES)
+  _choice('model.head.pool', c.model.head.pool, layers.POOLS)
+  _choice('model.head.activation', c.model.head.activation, layers.ACTIVATIONS)
   if not 0.0 <= c.model.head.dropout < 1.0:
     _fail('model.head.dropout', c.model.head.dropout, 'expected 0 <= dropout < 1')
   if any(int(h) < 1 for h in c.model.head.hidden):
     _fail('model.head.hidden', c.model.head.hidden, 'widths must be >= 1')
-  _choice('pretrained.source', c.pretrained.source, PRETRAINED)
+  _choice('pretrained.source', c.pretrained.source, components.PRETRAINED)
   if c.pretrained.source == 'dir' and not c.pretrained.path:
     _fail('pretrained.path', c.pretrained.path,
           'set the ported-weights directory (create it with `python -m tljax.port`)')
-  _choice('preprocessing', c.preprocessing, PREPROCESSING)
-  _choice('loss.kind', c.loss.kind, LOSSES)
+  _choice('preprocessing', c.preprocessing, ('',) + tuple(preprocess.PRESETS))
+  _choice('loss.kind', c.loss.kind, components.LOSSES)
   if not 0.0 <= c.loss.label_smoothing < 1.0:
     _fail('loss.label_smoothing', c.loss.label_smoothing, 'expected 0 <= smoothing < 1')
   for field in ('input_size', 'load_size', 'eval_batch_size', 'device_cache_mb'):
@@ -225,18 +255,14 @@ def _validate_phase(where: str, p) -> None:
     _fail(where, sorted(missing), 'build phases with tljax.config.phase(...)')
   if p.epochs < 0:
     _fail(f'{where}.epochs', p.epochs, 'expected >= 0 (0 skips the phase)')
-  for term in str(p.trainable).split('+'):
-    if not _TRAINABLE_TERM.match(term):
-      _fail(f'{where}.trainable', p.trainable,
-            "use '+'-joined terms: head, all, top:N, stages:N, re:<regex>")
-    if term.startswith('re:'):
-      try:
-        re.compile(term[3:])
-      except re.error as e:
-        _fail(f'{where}.trainable', term, f'bad regex ({e})')
-  _choice(f'{where}.optimizer', p.optimizer, OPTIMIZERS)
-  _choice(f'{where}.schedule', p.schedule, SCHEDULES)
-  _choice(f'{where}.bn', p.bn, BN_POLICIES)
+  from tljax import optim
+  try:
+    optim.parse_trainable(p.trainable)
+  except ValueError as e:
+    _fail(f'{where}.trainable', p.trainable, str(e))
+  _choice(f'{where}.optimizer', p.optimizer, optim.OPTIMIZERS)
+  _choice(f'{where}.schedule', p.schedule, optim.SCHEDULES)
+  _choice(f'{where}.bn', p.bn, optim.BN_POLICIES)
   for field in ('lr', 'momentum', 'b1', 'b2', 'eps', 'rmsprop_decay', 'weight_decay',
                 'warmup_epochs', 'end_lr_factor', 'grad_clip'):
     if not math.isfinite(float(p[field])):
