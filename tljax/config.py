@@ -26,6 +26,7 @@ import ml_collections
 from tljax.data.config import (default_augment_config, default_data_config, validate_augment_config,
                                validate_data_config)
 
+
 def phase(name: str, **kw) -> ml_collections.ConfigDict:
   """One training phase; unspecified fields take these defaults."""
   p = ml_collections.ConfigDict(dict(
