@@ -42,7 +42,7 @@ def _one_line_error(stderr):
 
 def test_divergence_stops_before_saving_evaluating_or_exporting(tmp_path):
   workdir = tmp_path / 'w'
-  rc, out, err = _main('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={workdir}',
+  rc, out, err = _main('--config=configs/monkeys.py:model=cnn_scratch,tiny', f'--workdir={workdir}',
                        '--config.phases[0].optimizer=sgd', '--config.phases[0].lr=1e6')
   assert rc == 1, out + err
   line = _one_line_error(err)
@@ -120,7 +120,7 @@ def small_mount(tmp_path):
 
 
 def test_full_disk_is_one_line(small_mount):
-  rc, out, err = _main('--config=configs/monkeys_cnn_scratch.py:tiny',
+  rc, out, err = _main('--config=configs/monkeys.py:model=cnn_scratch,tiny',
                        f'--workdir={small_mount}/w', '--config.checkpoint.every_steps=1')
   assert rc == 1, out + err
   assert 'no space left' in _one_line_error(err)
@@ -130,7 +130,7 @@ def test_full_disk_is_one_line(small_mount):
 def test_read_only_workdir_is_one_line(small_mount):
   (small_mount / 'w').mkdir()
   subprocess.run(['mount', '-o', 'remount,ro', str(small_mount)], check=True)
-  rc, out, err = _main('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={small_mount}/w')
+  rc, out, err = _main('--config=configs/monkeys.py:model=cnn_scratch,tiny', f'--workdir={small_mount}/w')
   assert rc == 1, out + err
   assert 'choose a writable --workdir' in _one_line_error(err)
 
@@ -138,7 +138,7 @@ def test_read_only_workdir_is_one_line(small_mount):
 def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_holder(tmp_path):
   from tljax import workdir_lock
   with workdir_lock.acquire(str(tmp_path / 'w')):
-    rc, out, err = _main('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={tmp_path}/w')
+    rc, out, err = _main('--config=configs/monkeys.py:model=cnn_scratch,tiny', f'--workdir={tmp_path}/w')
   assert rc == 1, out + err
   line = _one_line_error(err)
   assert f'in use by pid {os.getpid()}' in line and 'another --workdir' in line, line
@@ -146,7 +146,7 @@ def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_holder(tmp_path
 
 def test_every_checkpoint_corrupt_is_one_line_in_train_and_eval(tmp_path):
   workdir = tmp_path / 'w'
-  args = ('--config=configs/monkeys_cnn_scratch.py:tiny', f'--workdir={workdir}')
+  args = ('--config=configs/monkeys.py:model=cnn_scratch,tiny', f'--workdir={workdir}')
   rc, out, err = _main(*args)
   assert rc == 0, out + err
   for path in (workdir / 'checkpoints').rglob('*'):

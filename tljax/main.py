@@ -1,7 +1,7 @@
 r"""Launch training, evaluation or prediction from a config file.
 
   python -m tljax.main --config=configs/default.py --workdir=workdirs/default
-  python -m tljax.main --config=configs/monkeys_resnet34.py --workdir=W --config.phases[1].epochs=5
+  python -m tljax.main --config=configs/monkeys.py:model=resnet34 --workdir=W --config.phases[1].epochs=5
   python -m tljax.main --config=configs/default.py:tiny --workdir=/tmp/w     # test mode
   python -m tljax.main --config=... --workdir=W --mode=eval --config.eval.split=test
   python -m tljax.main --config=... --workdir=W --mode=predict --config.predict.images="('a.jpg',)"

@@ -331,7 +331,7 @@ class _Run:
     common = dict(tx=tx, labels=param_labels, loss_kind=config.loss.kind,
                   label_smoothing=config.loss.label_smoothing)
     full = steps.build_steps(self.model, train_transform=self._train_transform(phase),
-                             eval_transform=self.eval_tf, bn_train=phase.bn == 'train',
+                             eval_transform=self.eval_tf, bn_train=optim.bn_train(phase),
                              pool=config.model.head.pool in ('avg', 'max'), **common)
     fns = (steps.build_steps(self.model, train_transform=None, eval_transform=lambda x: x,
                              cached=True, **common) if cached else full)
@@ -469,7 +469,7 @@ class _Run:
     config, phase = self.config, ph.config
     data_epoch = ph.data_epoch0 + epoch
     pos.epoch, pos.step_in_epoch = epoch + 1, 0
-    if phase.bn == 'train' and phase.precise_bn:
+    if optim.bn_train(phase) and phase.precise_bn:
       rstate = self._precise_bn(ph.full_fns['bn_stats'], rstate, phase.precise_bn, data_epoch)
     last = epoch + 1 == phase.epochs
     if last or (epoch + 1) % config.eval.every_epochs == 0:
