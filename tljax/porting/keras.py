@@ -238,20 +238,6 @@ def keras_layers(arch: str, alpha: float = 1.0) -> list[KerasLayer]:
 
 # ---------------------------------------------------------------- reading the file
 
-def _attr_list(group, name: str) -> list[str] | None:
-  """A string-list attribute; Keras splits long ones into `name0`, `name1`, ..."""
-  if name in group.attrs:
-    values = list(group.attrs[name])
-  elif f'{name}0' in group.attrs:
-    values, i = [], 0
-    while f'{name}{i}' in group.attrs:
-      values += list(group.attrs[f'{name}{i}'])
-      i += 1
-  else:
-    return None
-  return [v.decode('utf8') if isinstance(v, bytes) else str(v) for v in values]
-
-
 def _short(weight_name: str) -> str:
   """'conv2d_37/kernel:0' → 'kernel'; Keras 2 called depthwise kernels 'depthwise_kernel'."""
   short = weight_name.rsplit('/', 1)[-1].split(':')[0]
@@ -391,7 +377,8 @@ def _check_chunks(w: H5Weight, path: str) -> None:
                     f'{grid}')
   gzip_bit = 1 << w.filters.index(_GZIP) if _GZIP in w.filters else 0
   # fletcher32 applied before gzip on writing puts its 4-byte checksum inside the stream.
-  slack = 4 if _FLETCHER32 in w.filters and gzip_bit and       w.filters.index(_FLETCHER32) < w.filters.index(_GZIP) else 0
+  slack = 4 if (gzip_bit and _FLETCHER32 in w.filters
+                and w.filters.index(_FLETCHER32) < w.filters.index(_GZIP)) else 0
   for i in range(count):
     info = dsid.get_chunk_info(i)
     if info.size > 2 * chunk_bytes + 1024:

@@ -357,7 +357,7 @@ def _unpickle(stream, storage_for, where: str):
 
 
 class _Bounded(io.RawIOBase):
-  """The rest of a file, refusing reads past its end instead of allocating what a length asks for."""
+  """A file that refuses reads past its end instead of allocating what a length field asks."""
 
   def __init__(self, f, size: int, where: str):
     super().__init__()
