@@ -85,7 +85,7 @@ def test_every_phase_with_zero_epochs_is_a_config_error():
 @pytest.mark.parametrize('args,expected', [
     (('--config=configs/no_such_recipe.py',), "config file 'configs/no_such_recipe.py' does not exist"),
     (('--config=configs/default.py:tiny', '--config.phases[5].lr=1'), 'indexes past the end'),
-    (('--config=configs/default.py:bogus',), "unknown config arguments ['bogus']"),
+    (('--config=configs/default.py:bogus',), "unknown config argument 'bogus'"),
     (('--config=configs/default.py:tiny', '--config.phases[0].lr=inf'), 'expected a finite number'),
 ])
 def test_bad_launches_are_one_line_usage_errors(tmp_path, args, expected):

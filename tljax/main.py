@@ -83,7 +83,7 @@ def _usage(message: str) -> None:
 def _last_line(e: Exception) -> str:
   """The innermost message of an error that ml_collections wrapped around a traceback."""
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return lines[-1] if lines else type(e).__name__
+  return re.sub(r'^\w+Error: ', '', lines[-1]) if lines else type(e).__name__
 
 
 def _config_file_error(argv: list[str]) -> str:
