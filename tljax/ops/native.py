@@ -10,6 +10,16 @@ source, compiler, CPU and jaxlib, so a later process only loads the library.
 Nothing here is required: with `TLJAX_NATIVE=0`, with no compiler, or when
 compiling fails, `library()` returns None (with one warning saying why and
 how to fix it) and callers keep their pure-JAX path. GPU/TPU never use these.
+
+`TLJAX_SANITIZE=address,undefined` (any of the two) builds the kernels with
+AddressSanitizer / UndefinedBehaviorSanitizer instead, into their own cache
+entry: out-of-bounds stores in these kernels corrupt the heap silently and
+crash far away, in XLA's allocator. Python is not instrumented, so the
+process must start with the runtime preloaded (`make asan` preloads
+`$(g++ -print-file-name=libasan.so)` and libstdc++). In this mode a failed
+build is an error, not a fallback, so a sanitizer run cannot quietly test the
+pure-JAX paths, and the huge-block cache (`csrc/hostalloc.c`, which would
+take allocations away from ASan's checked heap) is never built.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_forward_affine', 'tljax_d
            'tljax_conv_forward', 'tljax_conv_forward_stats', 'tljax_conv_forward_affine',
            'tljax_conv_kernel_grad', 'tljax_batchnorm_sums')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
+SANITIZERS = ('address', 'undefined')
 _CSRC = pathlib.Path(__file__).with_name('csrc')
 
 
@@ -50,6 +61,40 @@ def switch(environ: Mapping[str, str], name: str, on: str, off: str) -> bool:
 def enabled() -> bool:
   return switch(os.environ, 'TLJAX_NATIVE', 'compile and use the C++ CPU kernels',
                 'pure-JAX paths only')
+
+
+def sanitizers(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+  """The sanitizers `TLJAX_SANITIZE` asks for (comma-separated; empty: none)."""
+  value = (os.environ if environ is None else environ).get('TLJAX_SANITIZE', '')
+  names = tuple(sorted({v.strip().lower() for v in value.split(',') if v.strip()}))
+  unknown = set(names) - set(SANITIZERS)
+  if unknown:
+    raise ValueError(f'TLJAX_SANITIZE={value!r}: use a comma-separated subset of '
+                     f'{",".join(SANITIZERS)}, or nothing.')
+  return names
+
+
+def sanitizer_flags(names: tuple[str, ...]) -> list[str]:
+  """Compiler flags for `names`: -O1 and frame pointers keep the reports' stacks exact;
+  UBSan stops at its first report instead of printing and going on;
+  TLJAX_ISOLATE_BUFFERS gives each buffer a kernel touches its own heap block
+  (`csrc/common.h`), since XLA packs temporaries where ASan cannot tell them apart."""
+  if not names:
+    return list(FLAGS)
+  flags = [f for f in FLAGS if f != '-O3']
+  flags += ['-O1', '-g', '-fno-omit-frame-pointer', f'-fsanitize={",".join(names)}',
+            '-DTLJAX_ISOLATE_BUFFERS']
+  if 'undefined' in names:
+    flags.append('-fno-sanitize-recover=undefined')
+  return flags
+
+
+def _runtime_loaded(name: str) -> bool:
+  try:
+    with open('/proc/self/maps') as f:
+      return any(f'/lib{name}.so' in line for line in f)
+  except OSError:
+    return False
 
 
 def cache_dir() -> pathlib.Path:
@@ -74,8 +119,14 @@ def _cpu_identity() -> str:
 
 
 def _build(cxx: str) -> pathlib.Path:
-  return _compile(cxx, 'tljax_cpu', [*FLAGS, f'-I{jax.ffi.include_dir()}'], SOURCES + HEADERS,
-                  SOURCES, key=(_cpu_identity(), jaxlib.__version__))
+  names = sanitizers()
+  if 'address' in names and not _runtime_loaded('asan'):
+    # Loading an ASan library into an uninstrumented process kills it with a terse message.
+    raise RuntimeError('TLJAX_SANITIZE=address needs the ASan runtime preloaded: run with '
+                       'LD_PRELOAD=$(gcc -print-file-name=libasan.so) (see `make asan`)')
+  prefix = 'tljax_cpu_' + '_'.join(names) if names else 'tljax_cpu'
+  return _compile(cxx, prefix, [*sanitizer_flags(names), f'-I{jax.ffi.include_dir()}'],
+                  SOURCES + HEADERS, SOURCES, key=(_cpu_identity(), jaxlib.__version__))
 
 
 def _compile(cxx: str, prefix: str, flags: list[str], inputs: tuple[str, ...],
@@ -105,7 +156,9 @@ def _compile(cxx: str, prefix: str, flags: list[str], inputs: tuple[str, ...],
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
   cmd = [cxx, *flags, *[str(_CSRC / s) for s in sources], '-o', tmp]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  # The compiler need not run under this process's preloads (a sanitizer runtime, say).
+  env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode != 0:
     os.unlink(tmp)
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
@@ -116,9 +169,12 @@ def _compile(cxx: str, prefix: str, flags: list[str], inputs: tuple[str, ...],
 def host_allocator() -> pathlib.Path:
   """The huge-block cache (`csrc/hostalloc.c`) built as a library for LD_PRELOAD.
 
-  Raises RuntimeError (no compiler, or the build failed); `tljax.ops.host_memory`
-  then runs without it.
+  Raises RuntimeError (no compiler, the build failed, or a sanitizer run: the cache
+  would hand out memory ASan does not track); `tljax.ops.host_memory` then runs
+  without it.
   """
+  if sanitizers():
+    raise RuntimeError('not used under TLJAX_SANITIZE; set TLJAX_HOST_BLOCK_CACHE=0')
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError('no C compiler found (install gcc or set CXX)')
@@ -137,14 +193,19 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _load() -> ctypes.CDLL | None:
+  strict = bool(sanitizers())   # a sanitizer run must not quietly test the pure-JAX paths
   cxx = _compiler()
   if cxx is None:
+    if strict:
+      raise RuntimeError('TLJAX_SANITIZE is set but no C++ compiler was found')
     warnings.warn('tljax: no C++ compiler found (install g++ or set CXX); using the slower '
                   'pure-JAX CPU kernels. Set TLJAX_NATIVE=0 to silence this.')
     return None
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
   except (OSError, RuntimeError) as e:
+    if strict:
+      raise
     warnings.warn(f'tljax: could not build the C++ CPU kernels ({e}); using the slower '
                   'pure-JAX CPU kernels. Set TLJAX_NATIVE=0 to silence this.')
     return None

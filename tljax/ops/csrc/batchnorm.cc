@@ -108,10 +108,12 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   const int64_t rows = channels ? static_cast<int64_t>(a.element_count()) / channels : 0;
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   const int64_t slots = std::max<int64_t>(1, ReductionSlots(chunks, 2 * channels * sizeof(float)));
-  SlotSums sums(out->typed_data(), 2 * channels, slots);
+  const tljax::In ab(a), bb(b);
+  tljax::Out ob(out);
+  SlotSums sums(ob.get(), 2 * channels, slots);
   std::vector<float> local(static_cast<size_t>(slots * 2 * channels));
-  const float* ap = a.typed_data();
-  const float* bp = b.typed_data();
+  const float* ap = ab.get();
+  const float* bp = bb.get();
   auto body = [&](int64_t slot, int64_t chunk) {
     const int64_t r0 = chunk * kChunkRows, r1 = std::min(rows, r0 + kChunkRows);
     ChunkSums(ap, bp, channels, r0, r1, local.data() + slot * 2 * channels, sums[slot]);

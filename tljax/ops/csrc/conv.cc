@@ -174,9 +174,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (ffi::Error e = Check(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  const float* xp = x.typed_data();
-  const float* kp = k.typed_data();
-  float* yp = y->typed_data();
+  const tljax::In xb(x), kb(k);
+  tljax::Out yb(y);
+  const float* xp = xb.get();
+  const float* kp = kb.get();
+  float* yp = yb.get();
+  epilogue.out_base = yp;
   const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
   const int64_t pixels = g.n * g.ho * g.wo, chunk = kRows * kTiles, taps = g.kh * g.kw;
   // Taps whose whole kernel slice fits the L2 budget run in one register-resident pass;
@@ -246,7 +249,8 @@ ffi::Error ForwardStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const auto sd = stats->dimensions();
   if (sd.size() != 2 || sd[0] != 2 || sd[1] != k.dimensions().back())
     return ffi::Error::InvalidArgument("conv stats: want a [2, Cout] result");
-  return ForwardImpl(pool, x, k, y, Epilogue{}, stats->typed_data(), sh, sw, pt, pl);
+  tljax::Out sb(stats);
+  return ForwardImpl(pool, x, k, y, Epilogue{}, sb.get(), sh, sw, pt, pl);
 }
 
 // Inference: relu?(conv(x) * scale + bias + residual?), one pass over the output.
@@ -261,11 +265,11 @@ ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       (with_residual && residual.element_count() != y->element_count()))
     return ffi::Error::InvalidArgument(
         "conv affine: want scale and bias [Cout] and a residual shaped like the output");
+  const tljax::In sb(scale), bb(bias), rb(residual);
   Epilogue ep;
-  ep.scale = scale.typed_data();
-  ep.bias = bias.typed_data();
-  ep.residual = with_residual ? residual.typed_data() : nullptr;
-  ep.out_base = y->typed_data();
+  ep.scale = sb.get();
+  ep.bias = bb.get();
+  ep.residual = with_residual ? rb.get() : nullptr;
   ep.relu = relu != 0;
   return ForwardImpl(pool, x, k, y, ep, nullptr, sh, sw, pt, pl);
 }
@@ -319,8 +323,10 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (ffi::Error e = Check(x.dimensions(), dk->dimensions(), ct.dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  const float* xp = x.typed_data();
-  const float* cp = ct.typed_data();
+  const tljax::In xb(x), cb(ct);
+  tljax::Out dkb(dk);
+  const float* xp = xb.get();
+  const float* cp = cb.get();
   const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
   const int64_t pixels = g.n * g.ho * g.wo, taps = g.kh * g.kw, size = taps * g.cin * g.cout;
   const int64_t chunks = (pixels + kGradPixels - 1) / kGradPixels;
@@ -329,7 +335,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t blocks = (g.cout + width - 1) / width;
   const int64_t slots = std::min(ReductionSlots(chunks, size * sizeof(float)),
                                  (kMinItems + blocks - 1) / blocks);
-  SlotSums sums(dk->typed_data(), size, slots);
+  SlotSums sums(dkb.get(), size, slots);
   auto body = [&](int64_t item, int) {
     const int64_t slot = item / blocks, co0 = item % blocks * width;
     const int64_t co1 = std::min(g.cout, co0 + width);

@@ -219,9 +219,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (ffi::Error e = CheckGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  const float* xp = x.typed_data();
-  const float* kp = k.typed_data();
-  float* yp = y->typed_data();
+  const tljax::In xb(x), kb(k);
+  tljax::Out yb(y);
+  const float* xp = xb.get();
+  const float* kp = kb.get();
+  float* yp = yb.get();
   auto body = [&](int64_t item, int) {
     int64_t n = item / g.ho, oh = item % g.ho;
     ForEachBlock(g.c, [&](auto b, int64_t c0) {
@@ -244,7 +246,8 @@ ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const size_t c = k.dimensions().back();
   if (scale.element_count() != c || bias.element_count() != c)
     return ffi::Error::InvalidArgument("depthwise affine: want scale and bias [C]");
-  Affine affine{scale.typed_data(), bias.typed_data(), lo, hi};
+  const tljax::In sb(scale), bb(bias);
+  Affine affine{sb.get(), bb.get(), lo, hi};
   return ForwardImpl(pool, x, k, y, sh, sw, pt, pl, &affine);
 }
 
@@ -255,13 +258,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (ffi::Error e = CheckGeometry(x.dimensions(), k.dimensions(), gy.dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  const float* xp = x.typed_data();
-  const float* kp = k.typed_data();
-  const float* gp = gy.typed_data();
-  float* dxp = dx->typed_data();
+  const tljax::In xb(x), kb(k), gb(gy);
+  tljax::Out dxb(dx), dkb(dk);
+  const float* xp = xb.get();
+  const float* kp = kb.get();
+  const float* gp = gb.get();
+  float* dxp = dxb.get();
   int64_t taps = g.kh * g.kw * g.c;
   const int64_t slots = ReductionSlots(g.n, taps * sizeof(float));
-  SlotSums sums(dk->typed_data(), taps, slots);
+  SlotSums sums(dkb.get(), taps, slots);
   auto body = [&](int64_t slot, int64_t n) {
     float* dkw = sums[slot];
     std::memset(dxp + n * g.h * g.w * g.c, 0, sizeof(float) * g.h * g.w * g.c);
