@@ -94,11 +94,12 @@ def test_bad_launches_are_one_line_usage_errors(tmp_path, args, expected):
   assert expected in _one_line_error(err)
 
 
-def test_sigterm_during_setup_exits_143_with_a_message(tmp_path):
+@pytest.mark.parametrize('delay', [0.6, 1.0, 2.5, 6.0])
+def test_sigterm_at_any_point_of_setup_exits_143_with_a_message(tmp_path, delay):
   proc = subprocess.Popen([sys.executable, '-m', 'tljax.main', '--config=configs/default.py:tiny',
                            f'--workdir={tmp_path}'], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  time.sleep(3)   # past interpreter start-up, before the first step (data, init, compile)
+  time.sleep(delay)   # start-up, data, init, compilation, or the first steps
   assert proc.poll() is None
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)

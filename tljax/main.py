@@ -31,11 +31,12 @@ import errno
 import logging as pylogging
 import os
 import re
-import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from tljax import preemption
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (`get_config()`).',
@@ -119,7 +120,8 @@ def main(argv: list[str]) -> None:
     _usage(str(e))
   if FLAGS.tune_malloc:
     from tljax.ops import host_memory
-    host_memory.reexec_with_tuned_allocator()   # returns at once if applied or not glibc
+    with preemption.held_across_exec():
+      host_memory.reexec_with_tuned_allocator()   # returns at once if applied or not glibc
   _init_distributed()
   try:
     _run_mode(config)
@@ -137,13 +139,13 @@ def main(argv: list[str]) -> None:
 
 def _run_mode(config) -> None:
   from tljax.checkpoint import CheckpointError
+  preemption.check_early()
   if FLAGS.mode == 'train':
     from tljax import train
     try:
       train.train_and_evaluate(config, FLAGS.workdir)
     except train.Preempted as e:
-      print(str(e), file=sys.stderr)
-      sys.exit(143)
+      _stop_preempted(e)
     except (train.Diverged, train.workdir_lock.WorkdirInUse, CheckpointError) as e:
       _fail(str(e))
   elif FLAGS.mode == 'eval':
@@ -184,6 +186,14 @@ class _BackgroundErrors(pylogging.Filter):
     return False
 
 
+def _stop_preempted(e: Exception) -> None:
+  """Exit 143 without interpreter teardown: a SIGTERM may have interrupted XLA mid-call, and
+  anything worth keeping (the checkpoint) is already on disk when `Preempted` arrives here."""
+  print(str(e), file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(143)
+
+
 def _fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(1)
@@ -197,12 +207,6 @@ def _os_error(e: OSError) -> str:
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
     return (f'cannot write {where} ({e.strerror}); choose a writable --workdir.')
   return f'{e.strerror or e} ({where})'
-
-
-def _stopped_early(signum, frame) -> None:
-  print('SIGTERM before training started: nothing to save; re-run the same command to resume.',
-        file=sys.stderr)
-  sys.exit(143)
 
 
 def _init_distributed() -> None:
@@ -220,8 +224,11 @@ def _init_distributed() -> None:
 
 
 def run() -> None:
-  signal.signal(signal.SIGTERM, _stopped_early)   # the training loop installs its own
-  app.run(main, flags_parser=_parse)
+  preemption.stop_on_sigterm()   # the training loop takes over SIGTERM when it starts
+  try:
+    app.run(main, flags_parser=_parse)
+  except preemption.Preempted as e:
+    _stop_preempted(e)
 
 
 if __name__ == '__main__':

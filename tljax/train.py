@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -29,12 +28,9 @@ from absl import logging
 
 from tljax import components, evaluate, feature_cache, optim, report, steps, workdir_lock
 from tljax.checkpoint import Checkpointer
+from tljax.preemption import Preempted, Preemption
 from tljax.config import apply_variant, validate
 from tljax.steps import TrainState
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was written (if there was anything new to save)."""
 
 
 class Diverged(Exception):
@@ -48,7 +44,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.variants:
     return run_variants(config, workdir)
   with workdir_lock.acquire(workdir, enabled=jax.process_index() == 0), \
-      _Preemption() as preemption:
+      Preemption() as preemption:
     return _Run(config, workdir, preemption).run()
 
 
@@ -89,48 +85,6 @@ class Position:
   def from_json(cls, meta: dict) -> 'Position':
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in meta.items() if k in names})
-
-
-class _Preemption:
-  """SIGTERM handling: save at a step every host agrees on, then exit with 143.
-
-  One process: a Python handler sets a flag that the loop reads after each
-  device call; before the loop starts (data loading, compilation) there is
-  nothing new to save, so it stops at once. Several processes: JAX's
-  preemption service owns SIGTERM and `reached_preemption_sync_point` names
-  the same step on every host, so no host is left waiting in a collective.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self.in_loop = False
-    self._previous = None
-
-  def __enter__(self):
-    if jax.process_count() == 1:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-      except ValueError:   # not the main thread: preemption is the caller's business
-        self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def _on_sigterm(self, signum, frame):
-    self.requested = True
-    if not self.in_loop:
-      raise Preempted('SIGTERM before the first training step: nothing new to save; '
-                      're-run the same command to resume.')
-
-  def reached(self, step: int) -> bool:
-    """Called once for every step id, in order, on every host."""
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.requested = True
-    return self.requested
 
 
 MAX_CHUNK_STEPS = 256
@@ -201,10 +155,10 @@ class _Run:
   checkpointer, reporter); the mutable progress lives in a `Position`.
   """
 
-  def __init__(self, config, workdir: str, preemption: _Preemption | None = None):
+  def __init__(self, config, workdir: str, preemption: Preemption | None = None):
     from tljax.data import augment, batching
     self.config, self.workdir, self.batching = config, workdir, batching
-    self.preemption = preemption or _Preemption()
+    self.preemption = preemption or Preemption()
     n_dev = jax.local_device_count() * jax.process_count()
     self.eval_bs = config.eval_batch_size or config.batch_size
     for field, size in (('batch_size', config.batch_size), ('eval_batch_size', self.eval_bs)):
@@ -219,6 +173,7 @@ class _Run:
     pretrained, weights_meta = components.pretrained_weights(config)
     self.pp = pp = components.preprocessing(config, weights_meta)
     self.splits = components.load_data(config, pp)
+    self.preemption.check()
     self.train_split = self.splits['train']
     self.class_names = list(self.train_split.class_names)
     self.model = components.create_model(
@@ -226,6 +181,7 @@ class _Run:
     init_key = jax.random.fold_in(steps.wrap_key(steps.make_key(config.seed)), 0x1417)
     self.variables, self.not_loaded = components.init_variables(config, self.model, init_key,
                                                                 pp.input_size, pretrained)
+    self.preemption.check()
     size = pp.input_size
     self.blocks = optim.backbone_blocks(self.model, self.variables['params'], (1, size, size, 3))
     self.spe = batching.steps_per_epoch(len(self.train_split), config.batch_size)
@@ -252,10 +208,7 @@ class _Run:
   def run(self) -> dict[str, Any]:
     state, pos, restored = self._initial_state()
     self.reporter.truncate(pos.log_lines)
-    self.preemption.in_loop = True
-    if self.preemption.requested:
-      raise Preempted('SIGTERM before the first training step: nothing new to save; '
-                      're-run the same command to resume.')
+    self.preemption.start_loop()
     try:
       for index, phase in enumerate(self.config.phases):
         if index < pos.phase or phase.epochs == 0:

@@ -135,9 +135,10 @@ def reexec_with_tuned_allocator() -> bool:
   if not _is_glibc_linux() or tunables_active():
     return False
   argv = [sys.executable, *getattr(sys, 'orig_argv', [sys.executable, *sys.argv])[1:]]
+  environ = allocator_environ()
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, argv, allocator_environ())
+  os.execve(sys.executable, argv, environ)
   return True  # pragma: no cover — execve does not return
 
 
