@@ -37,18 +37,6 @@ def _interp_matrix(start, length, in_size: int, out_size: int):
   return w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
 
 
-def _crop_resize(image, box, out_size: int, flip):
-  """image float [S, S, 3]; box (top, left, height, width) in source pixels → [out, out, 3]."""
-  s = image.shape[0]
-  top, left, height, width = box
-  wy = _interp_matrix(top, height, s, out_size)
-  wx = _interp_matrix(left, width, s, out_size)
-  wx = jnp.where(flip, wx[::-1], wx)
-  hp = jax.lax.Precision.HIGHEST
-  rows = jnp.einsum('oh,hwc->owc', wy, image, precision=hp)
-  return jnp.einsum('pw,owc->opc', wx, rows, precision=hp)
-
-
 def eval_box(load_size: int, preprocessing: Preprocessing):
   """(top, left, size, size) of the eval crop inside the square cache.
 

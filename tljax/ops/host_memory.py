@@ -162,6 +162,3 @@ def tune_host_allocator() -> bool:
   _state['tuned'] = all(mallopt(param, value) == 1 for param, value in _SETTINGS.items())
   return _state['tuned']
 
-
-def is_tuned() -> bool:
-  return _state['tuned']
