@@ -3,10 +3,11 @@
 The GPU run is one command on a lent machine, so everything it executes
 except the device itself is exercised here: the bf16 XLA-path model timings
 through the real train step, MFU tables, job planning for --gpu, the worker
-protocol, and the README generator.
+protocol, and the docs/performance.md generator.
 """
 
 import json
+import pathlib
 
 import pytest
 
@@ -72,18 +73,39 @@ def test_worker_protocol_and_missing_framework(capsys):
   assert suite['models'][0]['results']['torch-eager'] == {'error': missing['error']}
 
 
-def test_perf_readme_replaces_its_section(tmp_path, tiny_row):
-  path = tmp_path / 'bench.json'
-  path.write_text(json.dumps({'meta': {'cpu': 'Test CPU', 'batch': 2}, 'micro': [],
-                              'models': [tiny_row]}))
-  readme = tmp_path / 'README.md'
-  readme.write_text('# tljax\n\nIntro.\n')
-  perf_readme.main([str(path), '--readme', str(readme)])
-  once = readme.read_text()
-  perf_readme.main([str(path), '--readme', str(readme)])
-  assert readme.read_text() == once
-  assert once.startswith('# tljax\n\nIntro.\n') and once.count(perf_readme.BEGIN) == 1
+def test_perf_readme_regenerates_its_part_of_the_doc(tmp_path, tiny_row):
+  bench = dict(meta={'cpu': 'Test CPU', 'batch': 2, 'date': '2026-01-02 00:00 UTC',
+                     'git': 'abc1234', 'warmup': 1, 'native_kernels': 'on'},
+               micro=[], models=[tiny_row])
+  for name, date in (('run_new.json', '2026-01-02'), ('run_old.json', '2026-01-01')):
+    meta = dict(bench['meta'], date=f'{date} 00:00 UTC', git=name[4:7])
+    (tmp_path / name).write_text(json.dumps(dict(bench, meta=meta)))
+  doc = tmp_path / 'performance.md'
+  doc.write_text('# Performance\n\nBy hand, before.\n')
+  argv = [str(tmp_path / 'run_new.json'), '--history', str(tmp_path / 'run_*.json'),
+          '--out', str(doc)]
+  perf_readme.main(argv)
+  doc.write_text(doc.read_text() + '\nBy hand, after.\n')
+  once = doc.read_text()
+  perf_readme.main(argv)
+  assert doc.read_text() == once  # idempotent; hand-written text on both sides kept
+  assert once.startswith('# Performance\n\nBy hand, before.\n') and once.endswith('after.\n')
+  assert once.count(perf_readme.BEGIN) == 1
   assert '### CPU: Test CPU' in once and '| simple_cnn_tiny | bfloat16 | inference |' in once
+  history = [l for l in once.splitlines() if l.startswith(('| old ', '| new '))]
+  assert [l.split(' | ')[2] for l in history] == ['`run_old.json`', '`run_new.json`']  # by date
+  assert all(l.count('n/a / n/a') == 3 for l in history)  # no tljax-fast/torch pair in the file
+
+
+def test_perf_readme_defaults_are_committed_files(monkeypatch):
+  # `python -m tools.perf_readme` with no arguments regenerates docs/performance.md.
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+  assert perf_readme.expand(perf_readme.RUNS) == perf_readme.RUNS
+  assert len(perf_readme.expand(perf_readme.HISTORY)) > len(perf_readme.HISTORY)
+  text = perf_readme.section(perf_readme.expand(perf_readme.RUNS),
+                             perf_readme.expand(perf_readme.HISTORY))
+  with open(perf_readme.OUT) as f:
+    assert text in f.read()
 
 
 def test_rounds_interleave_frameworks_and_run_extra_impls_once():
