@@ -34,7 +34,7 @@ def get_config():
   c.data.update(dict(source='synthetic', num_classes=3, num_train=32, num_val=16, num_test=8))
   c.batch_size = 8
   c.phases = (phase('head', epochs=2, lr=1e-2, cache_features=False),
-              phase('finetune', epochs=3, trainable='all', lr=1e-3))
+              phase('finetune', epochs=6, trainable='all', lr=1e-3))
   c.checkpoint.every_steps = 1
   c.log.update(dict(every_steps=3, tensorboard=False, plots=False, progress=False))
   c.lock()
@@ -91,7 +91,7 @@ def test_kill_9_at_random_points_then_resume_is_identical(tmp_path):
     deadline = time.time() + 300
     while _progress(workdir) == before and proc.poll() is None and time.time() < deadline:
       time.sleep(0.005)   # wait for this process to make progress of its own
-    time.sleep(rng.uniform(0, min(1.5, run_seconds / 8)))
+    time.sleep(rng.uniform(0, min(1.0, run_seconds / 12)))
     if proc.poll() is not None:
       out = proc.communicate()[0]
       assert proc.returncode == 0, out

@@ -86,8 +86,17 @@ def test_the_limit_is_the_training_decoders(tmp_path, monkeypatch):
   assert predict.decode_image(path).size == (200, 100)
 
 
-def test_nan_weights_exit_nonzero_with_strict_json(tmp_path, image, capsys):
+def test_nan_weights_are_refused_at_load_in_one_line(tmp_path, image, capsys):
   weights = _export(tmp_path / 'nan', 'simple_cnn_tiny', fill=np.nan)
+  assert predict.run(weights, [image], topk=2, as_json=True) != 0
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  errors = captured.err.strip().splitlines()
+  assert len(errors) == 1 and errors[0].startswith('error:') and 'non-finite' in errors[0]
+
+
+def test_overflowing_outputs_exit_nonzero_with_strict_json(tmp_path, image, capsys):
+  weights = _export(tmp_path / 'huge', 'simple_cnn_tiny', fill=1e30)   # finite, logits overflow
   assert predict.run(weights, [image], topk=2, as_json=True) == 1
   captured = capsys.readouterr()
   out = _strict_json(captured.out)
