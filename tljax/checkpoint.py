@@ -48,9 +48,14 @@ class _DigestMismatch(Exception):
 
 
 def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save,
-                                         cleanup_tmp_directories=True)
+  # Each manager's barriers get their own key prefix: on several hosts the best manager's
+  # background commit and the latest manager's next save otherwise meet at one barrier key
+  # ("Barrier ...set_value_start is already ongoing").
+  prefix = 'tljax_' + os.path.basename(os.path.normpath(directory))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
