@@ -109,3 +109,14 @@ def animals10(root: str, counts: dict[str, int]) -> str:
   for c, (name, count) in enumerate(counts.items()):
     write_class_dir(os.path.join(root, name), c, count)
   return root
+
+
+def folder_config(root, **kw):
+  """The data config of an image-folder source at `root` (2 decode threads), with `kw` set."""
+  from tljax.data.config import default_data_config
+  cfg = default_data_config()
+  cfg.source = 'folder'
+  cfg.root = str(root)
+  cfg.decode_threads = 2
+  cfg.update(kw)
+  return cfg

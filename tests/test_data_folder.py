@@ -7,19 +7,13 @@ import numpy as np
 import pytest
 
 from tests import data_fixtures as fx
-from tljax.data import StreamingSplit, default_data_config, load_splits
+from tljax.data import StreamingSplit, load_splits
 from tljax.data.batching import eval_batches, train_batches
 from tljax.data.decode import decode
 from tljax.data.folder import read_label_file
 
 
-def _cfg(root, **kw):
-  cfg = default_data_config()
-  cfg.source = 'folder'
-  cfg.root = str(root)
-  cfg.decode_threads = 2
-  cfg.update(kw)
-  return cfg
+_cfg = fx.folder_config
 
 
 def _assert_colours_match_labels(split):

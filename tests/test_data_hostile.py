@@ -22,13 +22,7 @@ from tljax.data.duplicates import cross_split_duplicates, duplicate_groups
 from tljax.data.split import Split
 
 
-def _cfg(root, **kw):
-  cfg = default_data_config()
-  cfg.source = 'folder'
-  cfg.root = str(root)
-  cfg.decode_threads = 2
-  cfg.update(kw)
-  return cfg
+_cfg = fx.folder_config
 
 
 def _messages(caplog, text):

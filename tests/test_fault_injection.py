@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tljax.porting import merge, weights_io
+from tests.test_train_loop import _run as _launch
 
 CONFIG_SRC = '''
 from tljax.config import base_config, phase
@@ -42,12 +43,6 @@ def get_config():
 '''
 
 KILLS = 10
-
-
-def _launch(config_path, workdir, env):
-  return subprocess.Popen(
-      [sys.executable, '-m', 'tljax.main', f'--config={config_path}', f'--workdir={workdir}'],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
 
 
 def _progress(workdir):
