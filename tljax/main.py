@@ -48,9 +48,10 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with -
                     'default: JAX_COORDINATOR_ADDRESS or cluster auto-detection.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (with --distributed).')
-flags.DEFINE_bool('tune_malloc', True, 'Keep freed host memory in the process (glibc tunables; '
-                  'restarts the process once to apply them) so CPU steps stop paying page faults '
-                  'on every allocation; see tljax.ops.host_memory.')
+flags.DEFINE_bool('tune_malloc', True, 'CPU runs only: keep freed host memory in the process '
+                  '(glibc tunables and a huge-block cache; restarts the process once to apply '
+                  'them) so steps stop paying page faults; see tljax.cpu_backend.allocator. '
+                  'GPU/TPU runs and TLJAX_OPS=xla are never restarted.')
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -119,10 +120,9 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     _usage(str(e))
   if FLAGS.tune_malloc:
-    from tljax.ops import host_memory
-    with preemption.held_across_exec():
-      host_memory.reexec_with_tuned_allocator()   # returns at once if applied or not glibc
+    _restart_tuned()
   _init_distributed()
+  _log_backend()
   try:
     _run_mode(config)
   except OSError as e:
@@ -135,6 +135,22 @@ def main(argv: list[str]) -> None:
       raise
     # tljax raises ValueError for bad inputs (data, weights, sizes) with the fix in the message.
     _usage(f'{_last_line(e)} (TLJAX_TRACEBACK=1 shows where it was raised)')
+
+
+def _restart_tuned() -> None:
+  """Restarts a CPU run once under the allocator settings; returns at once anywhere else."""
+  from tljax.cpu_backend import allocator
+  with preemption.held_across_exec():
+    allocator.restart_with_tuned_allocator()
+
+
+def _log_backend() -> None:
+  """One line, from process 0, saying what the CPU backend changed (nothing off CPU)."""
+  import jax
+  from tljax import ops
+  if ops.active_backend() == 'cpu' and jax.process_index() == 0:
+    from tljax.cpu_backend import allocator
+    print(allocator.describe(), file=sys.stderr, flush=True)
 
 
 def _run_mode(config) -> None:

@@ -23,7 +23,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import KERAS_BN, Conv, batch_norm, conv_bn, relu6
+from tljax.models.layers import KERAS_BN, Conv, batch_norm, relu6
 
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-B0/Lite0.
 BASE_STAGES = (
@@ -136,9 +136,9 @@ class MBConv(nn.Module):
       y = Conv(s.expanded, 1, dtype=self.dtype, name='expand_conv')(y)
       y = relu6(bn('bn0')(y))
     pads = _pads(self.pad_hw or x.shape[1:3], s.kernel, s.stride)
-    y = conv_bn(y, Conv(s.expanded, s.kernel, strides=s.stride, padding=pads, groups=s.expanded,
-                        dtype=self.dtype, name='depthwise_conv'), bn('bn1'), train,
-                clip=(0.0, 6.0))
+    y = Conv(s.expanded, s.kernel, strides=s.stride, padding=pads, groups=s.expanded,
+             dtype=self.dtype, name='depthwise_conv')(y)
+    y = relu6(bn('bn1')(y))
     y = Conv(s.out_filters, 1, dtype=self.dtype, name='project_conv')(y)
     y = bn('bn2')(y)
     if not s.residual:

@@ -14,9 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tljax.ops import batchnorm as batchnorm_ops
-from tljax.ops import conv as conv_ops
-from tljax.ops import pool
+from tljax import ops
 
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
@@ -32,9 +30,8 @@ class Conv(nn.Module):
   """2-D convolution, NHWC, kernel stored HWIO as in `flax.linen.Conv`.
 
   The parameter names and shapes are those of `nn.Conv` (so checkpoints and
-  freezing rules are interchangeable); the computation goes through
-  `tljax.ops.conv.conv2d`, which picks a fast implementation per platform.
-  Depthwise convolutions set `groups == in_channels`.
+  freezing rules are interchangeable); explicit padding pairs allow torch's
+  and Keras' exact pads. Depthwise convolutions set `groups == in_channels`.
   """
 
   features: int
@@ -49,64 +46,24 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x, with_stats: bool = False, bn_act: dict | None = None):
-    """The conv output; with `with_stats`, (output, sums or None) for a following
-    training-mode `BatchNorm` (see `tljax.ops.conv.conv2d_with_stats`); with `bn_act`
-    (keyword arguments of `tljax.ops.conv.conv2d_bn_act`), an inference BatchNorm,
-    residual and ReLU applied to the output (see `conv_bn`)."""
+  def __call__(self, x):
     kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
     cin = x.shape[-1]
     if cin % self.groups:
       raise ValueError(f'{self.name}: {cin} input channels not divisible by groups={self.groups}')
     kernel = self.param('kernel', self.kernel_init, (kh, kw, cin // self.groups, self.features),
                         self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    geometry = dict(strides=self.strides, padding=self.padding, groups=self.groups)
-    if bn_act is not None:
-      return conv_ops.conv2d_bn_act(x, kernel, **geometry, **bn_act)
-    if with_stats and not self.use_bias:
-      return conv_ops.conv2d_with_stats(x, kernel, **geometry)
-    y = conv_ops.conv2d(x, kernel, **geometry)
+    y = ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), strides=self.strides,
+                   padding=self.padding, groups=self.groups)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
-    return (y, None) if with_stats else y
-
-
-def conv_with_stats(conv: Conv, x, train: bool):
-  """(conv(x), the sums a following training-mode BatchNorm needs, or None)."""
-  return conv(x, with_stats=True) if train else (conv(x), None)
-
-
-def conv_bn(x, conv: Conv, bn: 'BatchNorm', train: bool, *, relu: bool = False, residual=None,
-            clip: tuple[float, float] | None = None, fuse: bool = True):
-  """conv → BatchNorm (→ + residual) (→ ReLU) (→ clip), the unit ResNets and MobileNets chain.
-
-  Training feeds BatchNorm the conv's own output statistics (`conv_with_stats`). Float32
-  inference runs the unit as one conv whose output pass applies the running-statistics
-  BatchNorm, the residual and the activation (`tljax.ops.conv.conv2d_bn_act`), one pass over
-  the activations instead of three. `fuse=False` keeps inference unfused (XLA then fuses
-  BatchNorm and ReLU into the next op, e.g. the padding of ResNet's stem max pool).
-  """
-  if (fuse and not train and conv.groups in (1, x.shape[-1]) and not conv.use_bias
-      and conv.dtype == jnp.float32 and bn.dtype in (None, jnp.float32)
-      and x.dtype == jnp.float32):
-    stats = bn(jax.ShapeDtypeStruct((conv.features,), jnp.float32), inference_params=True)
-    return conv(x, bn_act=dict(**stats, eps=bn.epsilon, residual=residual, relu=relu, clip=clip))
-  y, sums = conv_with_stats(conv, x, train)
-  y = bn(y, sums)
-  if residual is not None:
-    y = y + residual
-  y = nn.relu(y) if relu else y
-  return y if clip is None else jnp.clip(y, *clip)
+    return y
 
 
 class BatchNorm(nn.Module):
-  """`flax.linen.BatchNorm` (same variables, statistics and outputs) over the last axis.
-
-  Training mode uses `tljax.ops.batchnorm.normalize_train`, whose gradient is
-  the closed form rather than autodiff's (fewer passes over the activations).
-  """
+  """`flax.linen.BatchNorm` (same variables, statistics and outputs) over the last axis,
+  with the reference framework's epsilon made explicit."""
 
   use_running_average: bool
   epsilon: float
@@ -115,26 +72,18 @@ class BatchNorm(nn.Module):
   use_scale: bool = True
 
   @nn.compact
-  def __call__(self, x, sums=None, inference_params: bool = False):
-    """`sums`: the per-channel sums of x and x^2 when the producing conv has them (training).
-
-    `inference_params`: return {mean, var, scale, bias} (running statistics and affine,
-    float32) instead of normalizing, for a conv that applies them itself (`conv_bn`); x
-    then only gives the channel count.
-    """
+  def __call__(self, x):
     c = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
     scale = (self.param('scale', nn.initializers.ones, (c,), jnp.float32) if self.use_scale
              else jnp.ones((c,), jnp.float32))
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    if inference_params:
-      return dict(mean=ra_mean.value, var=ra_var.value, scale=scale, bias=bias)
     dtype = self.dtype or jnp.result_type(x, jnp.float32)
     if self.use_running_average:
-      y = batchnorm_ops.normalize_eval(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+      y = ops.batch_norm_eval(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
       return y.astype(dtype)
-    y, mean, var = batchnorm_ops.normalize_train(x, scale, bias, self.epsilon, sums)
+    y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
@@ -269,5 +218,5 @@ def avg_pool_torch(x, window: int, strides: int, padding: int = 0, count_include
 
 def max_pool_torch(x, window: int, strides: int, padding: int = 0):
   """`torch.nn.MaxPool2d` with explicit padding (padded cells never win)."""
-  return pool.max_pool(x, window, strides, padding)
+  return ops.max_pool(x, window, strides, padding)
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import (ACTIVATIONS, TORCH_BN, Conv, batch_norm, conv_bn, hard_sigmoid,
+from tljax.models.layers import (ACTIVATIONS, TORCH_BN, Conv, batch_norm, hard_sigmoid,
                                  torch_padding)
 
 INPUT_SIZES = {'default': 224, 'mobilenet_tiny': 64}
@@ -144,14 +144,9 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = Conv(self.features, self.kernel, strides=self.strides,
-                padding=torch_padding(self.kernel), groups=self.groups, dtype=self.dtype,
-                name='conv')
-    bn = batch_norm(train, dtype=self.dtype, name='bn', **self.bn)
-    if self.groups > 1 and self.act in (None, 'relu', 'relu6'):  # one C++ pass at inference
-      return conv_bn(x, conv, bn, train, relu=self.act == 'relu',
-                     clip=(0.0, 6.0) if self.act == 'relu6' else None)
-    x = bn(conv(x))
+    x = Conv(self.features, self.kernel, strides=self.strides, padding=torch_padding(self.kernel),
+             groups=self.groups, dtype=self.dtype, name='conv')(x)
+    x = batch_norm(train, dtype=self.dtype, name='bn', **self.bn)(x)
     return x if self.act is None else ACTIVATIONS[self.act](x)
 
 

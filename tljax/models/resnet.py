@@ -23,7 +23,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import TORCH_BN, Conv, batch_norm, conv_bn, max_pool_torch, torch_padding
+from tljax.models.layers import TORCH_BN, Conv, batch_norm, max_pool_torch, torch_padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,22 +71,23 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def unit(x, features, k, s, conv_name, bn_name, **kw):
-      conv = Conv(features, k, strides=s, padding=torch_padding(k), dtype=self.dtype,
-                  name=conv_name)
-      return conv_bn(x, conv, batch_norm(train, dtype=self.dtype, name=bn_name, **TORCH_BN),
-                     train, **kw)
+    def conv_bn(x, features, k, s, conv_name, bn_name):
+      x = Conv(features, k, strides=s, padding=torch_padding(k), dtype=self.dtype,
+               name=conv_name)(x)
+      return batch_norm(train, dtype=self.dtype, name=bn_name, **TORCH_BN)(x)
 
     out_ch = self.width * 4 if self.bottleneck else self.width
     identity = x
     if self.downsample:
-      identity = unit(x, out_ch, 1, self.strides, 'downsample_conv', 'downsample_bn')
+      identity = conv_bn(x, out_ch, 1, self.strides, 'downsample_conv', 'downsample_bn')
     if self.bottleneck:
-      y = unit(x, self.width, 1, 1, 'conv1', 'bn1', relu=True)
-      y = unit(y, self.width, 3, self.strides, 'conv2', 'bn2', relu=True)
-      return unit(y, out_ch, 1, 1, 'conv3', 'bn3', relu=True, residual=identity)
-    y = unit(x, self.width, 3, self.strides, 'conv1', 'bn1', relu=True)
-    return unit(y, self.width, 3, 1, 'conv2', 'bn2', relu=True, residual=identity)
+      y = nn.relu(conv_bn(x, self.width, 1, 1, 'conv1', 'bn1'))
+      y = nn.relu(conv_bn(y, self.width, 3, self.strides, 'conv2', 'bn2'))
+      y = conv_bn(y, out_ch, 1, 1, 'conv3', 'bn3')
+    else:
+      y = nn.relu(conv_bn(x, self.width, 3, self.strides, 'conv1', 'bn1'))
+      y = conv_bn(y, self.width, 3, 1, 'conv2', 'bn2')
+    return nn.relu(y + identity)
 
 
 class ResNetBackbone(nn.Module):
@@ -98,10 +99,9 @@ class ResNetBackbone(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     spec = self.spec
-    x = conv_bn(x, Conv(spec.stem_width, 7, strides=2, padding=torch_padding(7),
-                        dtype=self.dtype, name='conv1'),
-                batch_norm(train, dtype=self.dtype, name='bn1', **TORCH_BN), train, relu=True,
-                fuse=False)  # XLA fuses BatchNorm and ReLU into the max pool's padding
+    x = Conv(spec.stem_width, 7, strides=2, padding=torch_padding(7), dtype=self.dtype,
+             name='conv1')(x)
+    x = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1', **TORCH_BN)(x))
     x = max_pool_torch(x, 3, 2, padding=1)
     for s, (size, width) in enumerate(zip(spec.stage_sizes, spec.widths)):
       for b in range(size):

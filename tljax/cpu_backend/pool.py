@@ -2,8 +2,8 @@
 
 `lax.reduce_window` max pooling is a scalar loop on XLA:CPU (ResNet's 3x3/2
 stem pool at batch 32: ~0.15 s forward); its gradient, select-and-scatter,
-is slower still. On the 'fast' conv path (`tljax.ops.conv`) the pool reads
-the input's stride phases (`tljax.ops.depthwise.phases`) and takes the
+is slower still. Here the pool reads the input's stride phases
+(`depthwise.phases`) and takes the
 maximum of K*K unit-stride windows, one fused loop. The hand-written
 gradient routes each output's cotangent to the *first* window position
 holding the maximum in row-major order, exactly as XLA's select-and-scatter
@@ -17,10 +17,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from tljax.ops import conv as conv_ops
-from tljax.ops import depthwise
+from tljax.cpu_backend import depthwise
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -67,9 +65,6 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool(x, window: int, strides: int, padding: int = 0):
-  """NHWC max pooling, `torch.nn.MaxPool2d` semantics (padded cells never win)."""
+  """`tljax.ops.max_pool` on the CPU backend."""
   pads = ((padding, padding), (padding, padding))
-  if conv_ops.resolved_impl() == 'fast':
-    return _max_pool(x, (window, window), (strides, strides), pads)
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, strides, strides, 1),
-                           ((0, 0), *pads, (0, 0)))
+  return _max_pool(x, (window, window), (strides, strides), pads)

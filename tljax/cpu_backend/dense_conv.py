@@ -10,25 +10,21 @@ views of the padded input side by side as one [pixels, K*K*in] matrix
 (written once, sequentially) times the [pixels, out] cotangent, one 2-D
 matmul. Forward and input gradient stay XLA's.
 
-On CPU with the C++ kernels built (`tljax.ops.native`), the float32 forward,
-the stride-1 input gradient and the kernel gradient run as indirect GEMMs
-instead (`csrc/conv.cc`; no patches matrix, 1.3-3x faster than it). XLA:CPU
-runs some of these convolutions on one thread (3x3, 64 channels at 56x56:
-~190 GFLOP/s forward) and its input gradients at 70-100 GFLOP/s inside a
-ResNet34 step; the GEMM reaches 320-430 on 2 cores. The C++ forward can also
-finish its tiles while they are in registers: sum them for training BatchNorm
-(`dense_conv2d_with_stats`) or apply an inference BatchNorm, residual and ReLU
-(`dense_conv2d_bn_act`), instead of XLA passes over the output.
+With the C++ kernels built (`native`), the float32 forward, the stride-1
+input gradient and the kernel gradient run as indirect GEMMs instead
+(`csrc/conv.cc`; no patches matrix): XLA:CPU runs some of these convolutions
+on one thread, and its input gradients well below matmul speed.
 """
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tljax.ops import batchnorm, native
+from tljax.cpu_backend import native
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -46,7 +42,7 @@ def _pad_hw(x, pads):
 def patches(x, kernel_hw, strides, pads):
   """[n*ho*wo, kh*kw*cin]: the kh*kw shifted (strided) views of the padded input, side by side.
 
-  Also `tljax.ops.conv.im2col_conv2d`'s operand. Returns (patches, (n, ho, wo)).
+  Also `conv.im2col_conv2d`'s operand. Returns (patches, (n, ho, wo)).
   """
   (kh, kw), (sh, sw) = kernel_hw, strides
   xp = _pad_hw(x, pads)
@@ -111,25 +107,6 @@ def _forward(x, kernel, strides, pads):
   return native.dispatch(fast, lambda x, k: _conv(x, k, strides, pads), x, kernel)
 
 
-def _forward_stats(x, kernel, strides, pads):
-  """(conv output, [2, out] per-channel sum and sum of squares of it): the C++ conv sums
-  its tiles while they are in registers; other platforms reduce the output."""
-  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
-  cout = kernel.shape[-1]
-
-  def fast(x, k):
-    x, k, p = _merged(x, k, pads)
-    results = (jax.ShapeDtypeStruct((x.shape[0], *out_hw, cout), jnp.float32),
-               jax.ShapeDtypeStruct((2, cout), jnp.float32))
-    return native.call('tljax_conv_forward_stats', results, x, k, sh=strides[0], sw=strides[1],
-                       pt=p[0][0], pl=p[1][0])
-
-  def xla(x, k):
-    y = _conv(x, k, strides, pads)
-    return y, jnp.stack([jnp.sum(y, (0, 1, 2)), jnp.sum(y * y, (0, 1, 2))])
-  return native.dispatch(fast, xla, x, kernel)
-
-
 def _kernel_grad(x, kernel, ct, strides, pads):
   def fallback(x, ct):
     return _patches_kernel_grad(x, ct, kernel.shape, strides, pads)
@@ -169,67 +146,15 @@ def _dense_bwd(strides, pads, res, ct):
   return _input_grad(x, kernel, ct, strides, pads), dk.astype(kernel.dtype)
 
 
-def _with_conv_gradient(forward, output_ct):
-  """`forward(x, kernel, strides, pads)` with the dense conv's gradient, taken from
-  `output_ct(cotangents)` (outputs besides the conv's, e.g. statistics, carry none)."""
-  fn = jax.custom_vjp(forward, nondiff_argnums=(2, 3))
-  fn.defvjp(lambda x, kernel, strides, pads: (forward(x, kernel, strides, pads), (x, kernel)),
-            lambda strides, pads, res, cts: _dense_bwd(strides, pads, res, output_ct(cts)))
-  return fn
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, kernel, strides, pads):
+  return _forward(x, kernel, strides, pads)
 
 
-_dense = _with_conv_gradient(_forward, lambda ct: ct)
-_dense_stats = _with_conv_gradient(_forward_stats, lambda cts: cts[0])
+_dense.defvjp(lambda x, kernel, strides, pads: (_forward(x, kernel, strides, pads), (x, kernel)),
+              _dense_bwd)
 
 
 def dense_conv2d(x, kernel, strides: tuple[int, int], pads: Pads):
   """`lax.conv_general_dilated` (NHWC, HWIO, groups=1) with the matmul kernel gradient."""
   return _dense(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
-
-
-def _bn_act_reference(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
-  y = batchnorm.normalize_eval(_dense(x, kernel, strides, pads), mean, var, scale, bias, eps)
-  if residual is not None:
-    y = y + residual
-  return jnp.maximum(y, 0.0) if relu else y
-
-
-def _bn_act(x, kernel, mean, var, scale, bias, residual, strides, pads, eps, relu):
-  """Evaluated (no gradient taken): one C++ pass. Differentiated: the unfused form."""
-  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
-
-  def fast(x, k, mean, var, scale, bias, residual):
-    folded = scale * lax.rsqrt(var + eps)
-    x, k, p = _merged(x, k, pads)
-    out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, k.shape[-1]), jnp.float32)
-    extra = residual if residual is not None else jnp.zeros((1,), jnp.float32)
-    return native.call('tljax_conv_forward_affine', out, x, k, folded, bias - mean * folded,
-                       extra, sh=strides[0], sw=strides[1], pt=p[0][0], pl=p[1][0],
-                       relu=int(relu), residual=int(residual is not None))
-
-  def reference(*args):
-    return _bn_act_reference(*args, strides, pads, eps, relu)
-  return native.fused_inference(fast, reference, x, kernel, mean, var, scale, bias, residual)
-
-
-def dense_conv2d_bn_act(x, kernel, strides: tuple[int, int], pads: Pads, *, mean, var, scale,
-                        bias, eps: float, residual=None, relu: bool = False):
-  """relu?(BatchNorm_inference(conv(x)) + residual?) with BatchNorm, the residual and the
-  ReLU applied as the C++ conv stores its output, instead of XLA passes over it (20-25 ms
-  of a ~0.63 s ResNet34 forward on 2 CPU cores in profiles); the same formula, unfused,
-  under autodiff, where the C++ conv does not apply, and on other platforms. Float32."""
-  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
-  args = (x, kernel, mean, var, scale, bias, residual)
-  if not _native_ok(x, kernel, pads, kernel.shape[-1]) or not native.available():
-    return _bn_act_reference(*args, strides, pads, float(eps), bool(relu))
-  return _bn_act(*args, strides, pads, float(eps), bool(relu))
-
-
-def dense_conv2d_with_stats(x, kernel, strides: tuple[int, int], pads: Pads):
-  """`dense_conv2d` and, where the C++ conv runs, its output's [2, out] per-channel sum and
-  sum of squares (no gradient); None where it does not (the caller computes them)."""
-  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
-  if not _native_ok(x, kernel, pads, kernel.shape[-1]) or not native.available():
-    return _dense(x, kernel, strides, pads), None
-  y, stats = _dense_stats(x, kernel, strides, pads)
-  return y, lax.stop_gradient(stats)

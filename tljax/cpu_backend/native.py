@@ -2,7 +2,7 @@
 
 Some ops have no formulation that XLA:CPU compiles well (a depthwise
 kernel gradient needs one full pass per tap). Their kernels live in
-`tljax/ops/csrc/*.cc`, written against the FFI headers that ship with
+`tljax/cpu_backend/csrc/*.cc`, written against the FFI headers that ship with
 jaxlib. The first process that needs them compiles them with the system C++
 compiler (`$CXX`, else `c++`, `-O3 -march=native`) into a cache keyed by the
 source, compiler, CPU and jaxlib, so a later process only loads the library.
@@ -42,8 +42,7 @@ import numpy as np
 
 SOURCES = ('depthwise.cc', 'conv.cc', 'batchnorm.cc')
 HEADERS = ('common.h', 'parallel.h')
-TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_forward_affine', 'tljax_depthwise_backward',
-           'tljax_conv_forward', 'tljax_conv_forward_stats', 'tljax_conv_forward_affine',
+TARGETS = ('tljax_depthwise_forward', 'tljax_depthwise_backward', 'tljax_conv_forward',
            'tljax_conv_kernel_grad', 'tljax_batchnorm_sums')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno')
 SANITIZERS = ('address', 'undefined')
@@ -170,7 +169,7 @@ def host_allocator() -> pathlib.Path:
   """The huge-block cache (`csrc/hostalloc.c`) built as a library for LD_PRELOAD.
 
   Raises RuntimeError (no compiler, the build failed, or a sanitizer run: the cache
-  would hand out memory ASan does not track); `tljax.ops.host_memory` then runs
+  would hand out memory ASan does not track); `allocator` then runs
   without it.
   """
   if sanitizers():
@@ -227,19 +226,6 @@ def dispatch(native_fn, fallback_fn, *args):
   if not available():
     return fallback_fn(*args)
   return lax.platform_dependent(*args, cpu=native_fn, default=fallback_fn)
-
-
-def fused_inference(fast, reference, *args):
-  """`dispatch(fast, reference, *args)` whose gradient is always `reference`'s.
-
-  For kernels that fuse an inference epilogue (folded BatchNorm, residual,
-  activation) into a conv's output pass: evaluated, one C++ call; differentiated
-  (fine-tuning with frozen statistics), exactly the unfused formula's gradient,
-  with no backward kernel of their own.
-  """
-  fn = jax.custom_vjp(lambda *a: dispatch(fast, reference, *a))
-  fn.defvjp(lambda *a: jax.vjp(reference, *a), lambda vjp, ct: vjp(ct))
-  return fn(*args)
 
 
 def call(target: str, results, *args, **attrs):

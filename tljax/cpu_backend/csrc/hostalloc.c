@@ -1,5 +1,5 @@
 /* A cache of huge host blocks, loaded into a process with LD_PRELOAD
- * (tljax.ops.host_memory.allocator_environ).
+ * (tljax.cpu_backend.allocator.allocator_environ).
  *
  * XLA:CPU asks for a whole step's temporaries as one block (1.78 GB for a
  * MobileNetV2 fine-tuning step at batch 32). In glibc's heap such a block is

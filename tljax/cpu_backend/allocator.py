@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import platform
 import sys
 import warnings
@@ -79,7 +82,7 @@ def block_cache_library(environ: Mapping[str, str] | None = None) -> str | None:
   None without a warning where it does not apply: not glibc, or
   TLJAX_HOST_BLOCK_CACHE=0 in `environ`.
   """
-  from tljax.ops import native
+  from tljax.cpu_backend import native
   env = os.environ if environ is None else environ
   if (not native.switch(env, 'TLJAX_HOST_BLOCK_CACHE', 'preload the huge-block cache',
                         'glibc only') or not _is_glibc_linux()):
@@ -119,27 +122,83 @@ def block_cache_active() -> bool:
     return False
 
 
-def tunables_active() -> bool:
-  """True if this process was started with every `TUNABLES` key in GLIBC_TUNABLES."""
-  current = _parse_tunables(os.environ.get('GLIBC_TUNABLES', ''))
+def tunables_active(environ: Mapping[str, str] | None = None) -> bool:
+  """True if `environ` (default: this process's) holds every `TUNABLES` key in GLIBC_TUNABLES."""
+  env = os.environ if environ is None else environ
+  current = _parse_tunables(env.get('GLIBC_TUNABLES', ''))
   return _is_glibc_linux() and all(key in current for key in TUNABLES)
 
 
-def reexec_with_tuned_allocator() -> bool:
-  """Restarts this process (same pid, same command line) under `allocator_environ()`.
+def accelerator_plugins() -> list[str]:
+  """JAX plugins for GPUs or TPUs installed here (`jax_plugins` modules, entry points, libtpu).
 
-  Returns False (and does nothing) where the settings are already active or
-  the C library is not glibc; otherwise does not return. Call it before the
-  process has done anything worth keeping: it starts over from `main`.
+  Read from package metadata: initialising JAX to ask would be too early for
+  `jax.distributed.initialize`, which must come first.
   """
-  if not _is_glibc_linux() or tunables_active():
+  names = []
+  try:
+    import jax_plugins  # noqa: PLC0415
+    names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  except ImportError:
+    pass
+  names += [e.name for e in importlib.metadata.entry_points(group='jax_plugins')]
+  if importlib.util.find_spec('libtpu') is not None:
+    names.append('libtpu')
+  return sorted(set(names))
+
+
+def runs_on_cpu(environ: Mapping[str, str] | None = None) -> bool:
+  """Whether JAX will pick the CPU: JAX_PLATFORMS' first entry if set, else no accelerator
+  plugin installed."""
+  env = os.environ if environ is None else environ
+  platforms = (env.get('JAX_PLATFORMS') or env.get('JAX_PLATFORM_NAME') or '').strip().lower()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not accelerator_plugins()
+
+
+def restart_environ(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+  """The environment to restart this process under, or None to leave the process alone.
+
+  None unless the CPU backend will run (`runs_on_cpu`, `TLJAX_OPS` not `xla`) on
+  glibc without the settings already applied: GPU and TPU hosts, and runs that
+  switched the backend off, are never touched.
+  """
+  from tljax import ops  # noqa: PLC0415
+  env = os.environ if environ is None else environ
+  if (ops.requested(env) == 'xla' or not runs_on_cpu(env) or not _is_glibc_linux()
+      or tunables_active(env)):
+    return None
+  return allocator_environ(env)
+
+
+def restart_with_tuned_allocator() -> bool:
+  """Restarts this process (same pid, same command line) under `restart_environ()`.
+
+  Returns False (and does nothing) where that is None; otherwise does not
+  return. Call it before the process has done anything worth keeping: it
+  starts over from `main`.
+  """
+  environ = restart_environ()
+  if environ is None:
     return False
   argv = [sys.executable, *getattr(sys, 'orig_argv', [sys.executable, *sys.argv])[1:]]
-  environ = allocator_environ()
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, argv, environ)
   return True  # pragma: no cover — execve does not return
+
+
+def describe() -> str:
+  """One line: what this process runs with on the host (for the run's log)."""
+  from tljax.cpu_backend import native  # noqa: PLC0415
+  kernels = 'C++ kernels' if native.available() else 'pure-JAX kernels (no C++ build)'
+  if tunables_active():
+    cache = ' + huge-block cache (LD_PRELOAD)' if block_cache_active() else ''
+    memory = f'glibc malloc tunables{cache}; --notune_malloc leaves the process as started'
+  else:
+    memory = 'malloc as started'
+  return f'CPU backend: {kernels}; {memory}'
 
 
 def tune_host_allocator() -> bool:

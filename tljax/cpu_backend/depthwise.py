@@ -21,7 +21,7 @@ versions are slow on XLA:CPU in two ways:
 Arithmetic runs in float32 for every input dtype, as XLA's convolution
 does, and results are cast back to the input dtype.
 
-On CPU, when the C++ kernels are available (`tljax.ops.native`), both passes
+On CPU, when the C++ kernels are available (`native`), both passes
 run there instead: the forward tiles eight output pixels per 16-channel
 block, and one backward sweep reads input and cotangent once for both
 gradients. The kernel gradient above needs one full pass per tap, the
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from tljax.ops import batchnorm, native
+from tljax.cpu_backend import native
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -51,7 +51,7 @@ def _pad(x, hw_pads, value=0.0):
 
 
 class Geometry:
-  """Sizes of a K x K window sliding over a padded input (shared with `tljax.ops.pool`)."""
+  """Sizes of a K x K window sliding over a padded input (shared with `pool`)."""
 
   def __init__(self, in_hw, kernel_hw, strides, pads):
     (self.kh, self.kw), (self.sh, self.sw) = kernel_hw, strides
@@ -224,43 +224,3 @@ def depthwise_conv2d(x, kernel, strides: tuple[int, int], pads: Pads):
   if cout != cin:
     x = jnp.repeat(x, cout // cin, axis=-1)
   return _depthwise(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
-
-
-def _bn_act_reference(x, kernel, mean, var, scale, bias, strides, pads, eps, clip):
-  y = batchnorm.normalize_eval(_depthwise(x, kernel, strides, pads), mean, var, scale, bias, eps)
-  return y if clip is None else jnp.clip(y, *clip)
-
-
-def _bn_act(x, kernel, mean, var, scale, bias, strides, pads, eps, clip):
-  """Evaluated (no gradient taken): one C++ pass. Differentiated: the unfused form."""
-  g = _geometry(x, kernel, strides, pads)
-
-  def fast(x, kernel, mean, var, scale, bias):
-    folded = scale * lax.rsqrt(var + eps)
-    lo, hi = clip if clip is not None else (-np.inf, np.inf)
-    return native.call('tljax_depthwise_forward_affine',
-                       jax.ShapeDtypeStruct((x.shape[0], g.ho, g.wo, x.shape[-1]), jnp.float32),
-                       x, kernel[:, :, 0, :], folded, bias - mean * folded,
-                       lo=float(lo), hi=float(hi), **_native_attrs(g))
-
-  def reference(*args):
-    return _bn_act_reference(*args, strides, pads, eps, clip)
-  return native.fused_inference(fast, reference, x, kernel, mean, var, scale, bias)
-
-
-def depthwise_conv2d_bn_act(x, kernel, strides: tuple[int, int], pads: Pads, *, mean, var,
-                            scale, bias, eps: float, clip: tuple[float, float] | None = None):
-  """clip(BatchNorm_inference(depthwise_conv2d(x)), *clip): MobileNet's depthwise unit at
-  inference, BatchNorm and ReLU/ReLU6 applied as the C++ kernel stores its output (one
-  pass over the activations instead of two more in XLA); the same formula, unfused, under
-  autodiff, for bfloat16, a depth multiplier or negative padding, and off CPU."""
-  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
-  clip = None if clip is None else (float(clip[0]), float(clip[1]))
-  args = (x, kernel, mean, var, scale, bias)
-  fused = (x.dtype == kernel.dtype == jnp.float32 and kernel.shape[2] == 1
-           and kernel.shape[-1] == x.shape[-1] and min(p for pair in pads for p in pair) >= 0)
-  if not fused:
-    y = batchnorm.normalize_eval(depthwise_conv2d(x, kernel, strides, pads), mean, var, scale,
-                                 bias, eps)
-    return y if clip is None else jnp.clip(y, *clip)
-  return _bn_act(*args, strides, pads, float(eps), clip)

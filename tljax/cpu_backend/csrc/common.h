@@ -25,7 +25,7 @@ inline V16 Load(const float* p) {
 inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
 
 // A kernel's pointer to one of its input (In) or output (Out) buffers. In the sanitizer
-// build (TLJAX_ISOLATE_BUFFERS, see tljax/ops/native.py) each is a heap copy of exactly the
+// build (TLJAX_ISOLATE_BUFFERS, see tljax/cpu_backend/native.py) each is a heap copy of exactly the
 // buffer's size: XLA:CPU packs a program's temporaries into one allocation, where an
 // out-of-bounds access lands in a neighbour that ASan sees as valid memory; a copy has
 // redzones on both sides. Outputs start as NaN there, so an element a kernel never writes

@@ -1,1 +1,0 @@
-"""Numerical kernels whose fastest formulation depends on the platform."""
