@@ -1,10 +1,11 @@
-"""Single-convolution microbenchmarks: XLA's conv vs tljax's fast path vs torch.
+"""Single-convolution microbenchmarks: XLA's conv vs tljax's CPU backend vs torch.
 
 These are the shapes the performance issue quotes (a MobileNetV2 depthwise
 layer, a 1x1 expansion, a ResNet 3x3) plus the stride-2 and 5x5 depthwise
 variants EfficientNet-Lite needs. Forward alone and forward + backward
 (gradients for input and kernel, as training needs) are timed separately,
-because the fast depthwise path has a hand-written backward pass.
+because the CPU backend's depthwise conv has a hand-written backward pass. The
+'fast' columns are `tljax.ops.use_backend('cpu')`, the 'xla' ones plain lax.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.timing import guarded, measure
-from tljax.ops import conv as conv_ops
+from experiments.bench_tljax import BACKENDS
+from tljax import ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +59,13 @@ def _jax_fns(case: ConvCase, impl: str, dtype):
   pads = ((p, p), (p, p))
 
   def f(x, k):
-    return conv_ops.conv2d(x, k, strides=case.stride, padding=pads, groups=case.groups)
+    return ops.conv2d(x, k, strides=case.stride, padding=pads, groups=case.groups)
 
   def loss(x, k, ct):
     return jnp.sum(f(x, k).astype(jnp.float32) * ct)
 
   x, k, ct = _jax_args(case, dtype)
-  with conv_ops.conv_impl(impl):
+  with ops.use_backend(BACKENDS[impl]):
     fwd = jax.jit(f).lower(x, k).compile()
     grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, k, ct).compile()
   return fwd, grad

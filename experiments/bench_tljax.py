@@ -15,7 +15,6 @@ and unfrozen.
 
 from __future__ import annotations
 
-import functools
 import types
 
 import jax
@@ -23,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.timing import guarded, measure
-from tljax import models, optim, steps
-from tljax.ops import conv as conv_ops
+from tljax import models, ops, optim, steps
+
+# The benchmark's --impls names (kept so old result JSON keys `tljax-fast`/`tljax-xla` still
+# mean the same) → `tljax.ops` backends.
+BACKENDS = {'fast': 'cpu', 'xla': 'xla', 'auto': 'auto'}
 
 # Fields `tljax.optim.make_optimizer` reads from a phase config (tljax.config.phase defaults),
 # spelled out so the suite runs where ml_collections is not installed (the GPU image).
@@ -88,10 +90,10 @@ class Setup:
     state = steps.TrainState(params=self.params, batch_stats=self.batch_stats,
                              opt_state=tx.init(self.params), step=np.int32(0),
                              rng=steps.make_key(0))
-    step_fn = steps.parallel(functools.partial(
-        steps.train_step, model=self.model, tx=tx, labels=labels, transform=lambda key, x: x,
-        loss_kind='softmax', label_smoothing=0.0, bn_train=bn_train, cached=cached),
-        donate_state=True, devices=[self.device])
+    apply_fn = (steps.on_features(self.model) if cached else
+                steps.on_images(self.model, lambda key, x: x, bn_train=bn_train))
+    step_fn = steps.build_steps(train_apply=apply_fn, tx=tx, param_labels=labels,
+                                loss_kind='softmax', devices=[self.device])['train']
     batch = {'label': self.labels[None]}
     if cached:
       feats = self._pooled_features()
@@ -124,9 +126,9 @@ def run_model(name: str, *, batch: int, dtype: str, impls, iters: int, warmup: i
   setup = Setup(name, batch=batch, dtype=jnp.dtype(dtype), device=device, size=size)
   row = {'model': name, 'input_size': setup.size, 'batch': batch, 'dtype': dtype,
          'params': int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(setup.params)))}
-  # Counted on XLA's own conv path: the C++ kernels are custom calls XLA's cost analysis
-  # does not see (ResNet34 would count 0.04 GFLOP/img).
-  with conv_ops.conv_impl('xla'):
+  # Counted on plain lax ops: the CPU backend's C++ kernels are custom calls XLA's cost
+  # analysis does not see (ResNet34 would count 0.04 GFLOP/img).
+  with ops.use_backend('xla'):
     count = _flops(setup.lower_inference()[0])
   row['flops'] = {'inference': count} if count else {}
   results = {}
@@ -134,7 +136,7 @@ def run_model(name: str, *, batch: int, dtype: str, impls, iters: int, warmup: i
   for impl in impls:
     key = f'tljax-{impl}'
     results[key] = {}
-    with conv_ops.conv_impl(impl):
+    with ops.use_backend(BACKENDS[impl]):
       for mode in modes:
         print(f'  {key} {mode}', flush=True)
         if mode == 'inference':

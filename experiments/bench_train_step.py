@@ -84,9 +84,15 @@ class Bench:
   def train_fn(self, rule: str, bn_train: bool = False, cached: bool = False):
     labels = optim.param_labels(self.params, rule, self.blocks)
     tx = optim.make_optimizer(phase(), labels, steps_per_epoch=100)
-    fns = steps.build_steps(self.model, tx=tx, labels=labels, train_transform=normalize,
-                            eval_transform=lambda x: normalize(None, x), bn_train=bn_train,
-                            cached=cached, pool=True)
+    if cached:
+      train_apply = eval_apply = steps.on_features(self.model)
+    else:
+      train_apply = steps.on_images(self.model, normalize, bn_train=bn_train)
+      eval_apply = steps.on_images(self.model, normalize)
+    fns = steps.build_steps(train_apply=train_apply, eval_apply=eval_apply, tx=tx,
+                            param_labels=labels)
+    if not cached:
+      fns.update(steps.build_backbone_steps(self.model, normalize, pool=True))
     return fns, self.state(tx)
 
   def step_timings(self, iters: int) -> dict:

@@ -49,12 +49,13 @@ def parse_args(argv=None):
   p.add_argument('--iters', type=int, default=None, help='timed iterations (default 5 CPU, 20 GPU)')
   p.add_argument('--warmup', type=int, default=3,
                  help='untimed calls first (1 compiles; a big step block may be mapped twice before '
-                      'the allocator reuses it, see tljax/ops/csrc/hostalloc.c)')
+                      'the allocator reuses it, see tljax/cpu_backend/csrc/hostalloc.c)')
   p.add_argument('--size', type=int, default=None, help='override every model\'s input size')
   p.add_argument('--dtypes', default=None, help='default float32 (CPU), bfloat16 (GPU)')
   p.add_argument('--frameworks', default='tljax,torch-eager,torch-compile,keras')
   p.add_argument('--impls', default=None,
-                 help='tljax conv paths: default fast,xla (CPU), xla (GPU)')
+                 help='tljax ops backends: fast (tljax.ops.use_backend("cpu"): the CPU backend) '
+                      'and/or xla (plain lax ops); default fast,xla (CPU), xla (GPU)')
   p.add_argument('--modes', default='inference,head_step,full_step,cached_head_step')
   p.add_argument('--rounds', type=int, default=1,
                  help='run every model job this many times, frameworks interleaved; tljax\'s '
@@ -68,8 +69,9 @@ def parse_args(argv=None):
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: CPUs this process may use, as XLA does)')
   p.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
-                 help='glibc malloc tunables and the huge-block cache (tljax.ops.host_memory) in '
-                      'every worker\'s environment, so every framework gets them')
+                 help='glibc malloc tunables and the huge-block cache '
+                      '(tljax.cpu_backend.allocator) in every worker\'s environment, so every '
+                      'framework gets them')
   p.add_argument('--smoke', action='store_true', help='tiny settings: checks every code path')
   p.add_argument('--timeout', type=int, default=3600, help='seconds per worker process')
   p.add_argument('--budget_s', type=float, default=None,
@@ -154,7 +156,7 @@ def launch(spec: dict, timeout: float) -> dict:
   if not spec['gpu']:
     env['JAX_PLATFORMS'] = 'cpu'
   if spec['malloc'] == 'tuned':
-    from tljax.ops.host_memory import allocator_environ
+    from tljax.cpu_backend.allocator import allocator_environ
     env = allocator_environ(env)
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--worker', json.dumps(spec)]
   where = f' round {spec["round"] + 1}' if spec.get('round') else ''
@@ -234,13 +236,14 @@ def _block_cache(args) -> bool:
   """Whether every worker runs with tljax's huge-block cache preloaded (part of --malloc=tuned)."""
   if args.malloc != 'tuned':
     return False
-  from tljax.ops.host_memory import allocator_environ
+  from tljax.cpu_backend.allocator import allocator_environ
   return 'tljax_hostalloc_' in allocator_environ().get('LD_PRELOAD', '')
 
 
 def _native_kernels() -> str:
-  """Whether tljax's CPU workers run the C++ kernels (`tljax.ops.native`): built here or not."""
-  from tljax.ops import native
+  """Whether tljax's CPU workers run the C++ kernels (`tljax.cpu_backend.native`): built here
+  or not."""
+  from tljax.cpu_backend import native
   try:
     return 'on' if native.available() else 'off (no compiler, a failed build or TLJAX_NATIVE=0)'
   except ValueError as exc:

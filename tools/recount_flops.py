@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_tljax
-from tljax.ops import conv as conv_ops
+from tljax import ops
 
 
 def recount(path: str) -> None:
@@ -27,7 +27,7 @@ def recount(path: str) -> None:
   for row in result['models']:
     setup = bench_tljax.Setup(row['model'], batch=row['batch'], dtype=jnp.dtype(row['dtype']),
                               device=jax.devices('cpu')[0], size=row['input_size'])
-    with conv_ops.conv_impl('xla'):
+    with ops.use_backend('xla'):
       flops = bench_tljax._flops(setup.lower_inference()[0])
     print(f"{row['model']} {row['dtype']} batch {row['batch']}: "
           f"{(row.get('flops') or {}).get('inference')} -> {flops}")
