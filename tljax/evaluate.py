@@ -93,8 +93,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   state = steps.TrainState(params=variables['params'], batch_stats=variables['batch_stats'],
                            opt_state=None, step=np.zeros((), np.int64), rng=None)
   dtype = components.compute_dtype(config)
-  fns = steps.build_steps(model, eval_transform=lambda x: augment.eval_transform(
-      x, pp.input_size, pp, dtype=dtype), loss_kind=config.loss.kind)
+  transform = lambda key, x: augment.eval_transform(x, pp.input_size, pp, dtype=dtype)
+  fns = steps.build_steps(eval_apply=steps.on_images(model, transform), loss_kind=config.loss.kind)
   eval_bs = config.eval_batch_size or config.batch_size
   outputs = collect(fns['eval'], steps.replicate(state), batching.eval_batches(splits[split], eval_bs))
   result = metrics(outputs, class_names)

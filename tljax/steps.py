@@ -23,9 +23,9 @@ import optax
 from tljax import optim
 
 AXIS = 'batch'
-# XLA's RngBitGenerator instead of threefry for every training draw: on XLA:CPU a model init
-# compiled in 1.7 s instead of 12 s (simple_cnn_tiny, 2 busy cores), and the bits are still a
-# pure function of (seed, step) on a given backend.
+# XLA's RngBitGenerator instead of threefry for every training draw: threefry's unrolled
+# rounds make XLA:CPU compile a model init many times slower, and the bits are still a pure
+# function of (seed, step) on a given backend.
 PRNG_IMPL = 'rbg'
 
 
@@ -108,21 +108,6 @@ def step_keys(state: TrainState):
           jax.random.fold_in(jax.random.fold_in(key, 1), device))
 
 
-def forward(model, params, batch_stats, inputs, *, cached: bool, bn_train: bool, dropout_key,
-            train: bool = True):
-  """Logits and (possibly updated) batch stats; `cached` inputs are backbone features."""
-  variables = {'params': params, 'batch_stats': batch_stats}
-  rngs = {'dropout': dropout_key} if dropout_key is not None else {}
-  if cached:
-    return model.apply({'params': params}, inputs, train=train, method='apply_head', rngs=rngs), \
-        batch_stats
-  if bn_train:
-    logits, updated = model.apply(variables, inputs, train=train, bn_train=True, rngs=rngs,
-                                  mutable=['batch_stats'])
-    return logits, updated.get('batch_stats', batch_stats)
-  return model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs), batch_stats
-
-
 def batch_images(batch, cache):
   """The batch's uint8 images: shipped with it, or gathered on device from `cache` by index.
 
@@ -132,18 +117,50 @@ def batch_images(batch, cache):
   return batch['image'] if cache is None else jnp.take(cache, batch['index'], axis=0)
 
 
-def train_step(state: TrainState, batch, cache=None, *, model, tx: optax.GradientTransformation,
-               labels, transform: Callable, loss_kind: str, label_smoothing: float,
-               bn_train: bool, cached: bool = False):
+# An apply function maps (params, batch_stats, batch, image cache, (input key, dropout key),
+# train) to (logits, new batch_stats or None when BatchNorm does not train). The steps below
+# take one instead of knowing what a batch holds.
+ApplyFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def on_images(model, transform: Callable, *, bn_train: bool = False) -> ApplyFn:
+  """The whole model on a batch of uint8 images, after `transform(key, images)`.
+
+  `bn_train`: BatchNorm normalises with (and updates from) batch statistics.
+  """
+  def apply(params, batch_stats, batch, cache, keys, train):
+    input_key, dropout_key = keys
+    inputs = transform(input_key, batch_images(batch, cache))
+    variables = {'params': params, 'batch_stats': batch_stats}
+    rngs = {'dropout': dropout_key} if dropout_key is not None else {}
+    if bn_train:
+      logits, updated = model.apply(variables, inputs, train=train, bn_train=True, rngs=rngs,
+                                    mutable=['batch_stats'])
+      return logits, updated.get('batch_stats', batch_stats)
+    return model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs), None
+  return apply
+
+
+def on_features(model) -> ApplyFn:
+  """The head alone on a batch of cached backbone features (`batch['feature']`)."""
+  def apply(params, batch_stats, batch, cache, keys, train):
+    del batch_stats, cache
+    rngs = {'dropout': keys[1]} if keys[1] is not None else {}
+    return model.apply({'params': params}, batch['feature'], train=train, method='apply_head',
+                       rngs=rngs), None
+  return apply
+
+
+def train_step(state: TrainState, batch, cache=None, *, apply_fn: ApplyFn,
+               tx: optax.GradientTransformation, param_labels, loss_kind: str,
+               label_smoothing: float):
   """One optimisation step on one device's shard; call through `parallel`."""
-  input_key, dropout_key = step_keys(state)
-  inputs = batch['feature'] if cached else transform(input_key, batch_images(batch, cache))
-  trainable, frozen = optim.split(state.params, labels)
+  keys = step_keys(state)
+  trainable, frozen = optim.split(state.params, param_labels)
 
   def loss_of(trainable_params):
     params = optim.join(trainable_params, frozen)
-    logits, batch_stats = forward(model, params, state.batch_stats, inputs, cached=cached,
-                                  bn_train=bn_train, dropout_key=dropout_key)
+    logits, batch_stats = apply_fn(params, state.batch_stats, batch, cache, keys, True)
     loss = per_example_loss(logits, batch['label'], loss_kind, label_smoothing).mean()
     return loss, (logits, batch_stats)
 
@@ -151,14 +168,15 @@ def train_step(state: TrainState, batch, cache=None, *, model, tx: optax.Gradien
   grads = jax.lax.pmean(grads, AXIS)
   full_grads = optim.join(grads, jax.tree.map(jnp.zeros_like, frozen))
   updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-  trainable_updates, _ = optim.split(updates, labels)
+  trainable_updates, _ = optim.split(updates, param_labels)
   new_trainable = optax.apply_updates(trainable, trainable_updates)
-  if bn_train:
-    batch_stats = jax.lax.pmean(batch_stats, AXIS)
+  if batch_stats is None:
+    batch_stats, new_stats = state.batch_stats, ()
+  else:
+    batch_stats = new_stats = jax.lax.pmean(batch_stats, AXIS)
   accuracy = (predict_classes(logits, loss_kind) == batch['label']).mean()
   metrics = {'loss': jax.lax.pmean(loss, AXIS), 'accuracy': jax.lax.pmean(accuracy, AXIS)}
-  metrics['finite'] = all_finite((metrics['loss'], grads, new_trainable,
-                                  batch_stats if bn_train else ()))
+  metrics['finite'] = all_finite((metrics['loss'], grads, new_trainable, new_stats))
   new_state = state.replace(params=optim.join(new_trainable, frozen), batch_stats=batch_stats,
                             opt_state=opt_state, step=state.step + 1)
   return new_state, metrics
@@ -191,12 +209,9 @@ def train_chunk(state: TrainState, batches, cache=None, **kw):
   return jax.lax.scan(body, state, dict(batches))
 
 
-def eval_step(state: TrainState, batch, *, model, transform: Callable, loss_kind: str,
-              cached: bool = False):
+def eval_step(state: TrainState, batch, *, apply_fn: ApplyFn, loss_kind: str):
   """Per-example outputs; the host masks padding so each example counts once."""
-  inputs = batch['feature'] if cached else transform(batch['image'])
-  logits, _ = forward(model, state.params, state.batch_stats, inputs, cached=cached,
-                      bn_train=False, dropout_key=None, train=False)
+  logits, _ = apply_fn(state.params, state.batch_stats, batch, None, (None, None), False)
   return {'pred': predict_classes(logits, loss_kind),
           'top5': top_k_correct(logits, batch['label'], loss_kind),
           'loss': per_example_loss(logits, batch['label'], loss_kind),
@@ -237,26 +252,30 @@ def bn_stats_step(state: TrainState, batch, *, model, transform: Callable):
   return jax.lax.pmean(stats, AXIS)
 
 
-def build_steps(model, *, tx=None, labels=None, train_transform=None, eval_transform=None,
-                loss_kind='softmax', label_smoothing=0.0, bn_train=False, cached=False,
-                pool=False, donate=True, devices=None) -> dict[str, Callable]:
-  """The device-parallel callables for one phase (re-built, hence re-compiled, per phase)."""
-  steps = {}
-  if tx is not None:
-    kw = dict(model=model, tx=tx, labels=labels, transform=train_transform, loss_kind=loss_kind,
-              label_smoothing=label_smoothing, bn_train=bn_train, cached=cached)
-    steps['train'] = parallel(functools.partial(train_step, **kw), donate_state=donate,
-                              devices=devices)
-    steps['train_chunk'] = parallel(functools.partial(train_chunk, **kw), donate_state=donate,
-                                    devices=devices)
-  if eval_transform is not None:
-    steps['eval'] = parallel(functools.partial(eval_step, model=model, transform=eval_transform,
-                                               loss_kind=loss_kind, cached=cached),
-                             devices=devices)
-  if train_transform is not None and not cached:
-    steps['bn_stats'] = parallel(functools.partial(bn_stats_step, model=model,
-                                                   transform=train_transform), devices=devices)
-    steps['features'] = parallel(functools.partial(feature_step, model=model,
-                                                   transform=train_transform, pool=pool),
-                                 devices=devices)
-  return steps
+def build_steps(*, train_apply: ApplyFn | None = None, eval_apply: ApplyFn | None = None,
+                tx=None, param_labels=None, loss_kind='softmax', label_smoothing=0.0,
+                donate=True, devices=None) -> dict[str, Callable]:
+  """'train' and 'train_chunk' (with `train_apply`), 'eval' (with `eval_apply`), device-parallel."""
+  fns = {}
+  if train_apply is not None:
+    kw = dict(apply_fn=train_apply, tx=tx, param_labels=param_labels, loss_kind=loss_kind,
+              label_smoothing=label_smoothing)
+    fns['train'] = parallel(functools.partial(train_step, **kw), donate_state=donate,
+                            devices=devices)
+    fns['train_chunk'] = parallel(functools.partial(train_chunk, **kw), donate_state=donate,
+                                  devices=devices)
+  if eval_apply is not None:
+    fns['eval'] = parallel(functools.partial(eval_step, apply_fn=eval_apply, loss_kind=loss_kind),
+                           devices=devices)
+  return fns
+
+
+def build_backbone_steps(model, transform: Callable, *, pool: bool,
+                         devices=None) -> dict[str, Callable]:
+  """'features' (backbone outputs, for the feature cache) and 'bn_stats' (precise BatchNorm)."""
+  return {
+      'features': parallel(functools.partial(feature_step, model=model, transform=transform,
+                                             pool=pool), devices=devices),
+      'bn_stats': parallel(functools.partial(bn_stats_step, model=model, transform=transform),
+                           devices=devices),
+  }

@@ -138,8 +138,8 @@ class _Phase:
   tx: Any
   train_fn: Callable          # one step: (rstate, batch, image cache) → (rstate, metrics)
   chunk_fn: Callable          # K scanned steps: (rstate, stacked batches) → (rstate, metrics)
-  eval_fn: Callable
-  full_fns: dict              # the image-input steps (test split, precise BN, features)
+  eval_fn: Callable           # on the phase's inputs (images, or cached features for val)
+  backbone_fns: dict          # 'features' (for the cache) and 'bn_stats' (precise BN)
   record: dict
   start_time: float
   first_step: int             # global step at which the phase started
@@ -192,6 +192,9 @@ class _Run:
     self.eval_tf = lambda x: augment.eval_transform(x, size, pp, dtype=dtype)
     self.aug_tf = lambda key, x: augment.train_transform(key, x, config.augment, size, pp,
                                                          dtype=dtype)
+    self.image_eval_fn = steps.build_steps(
+        eval_apply=steps.on_images(self.model, lambda key, x: self.eval_tf(x)),
+        loss_kind=config.loss.kind)['eval']
     self.ckpt = (Checkpointer(workdir, keep=config.checkpoint.keep, best=config.checkpoint.best)
                  if config.checkpoint.enabled else None)
     self.last_saved = None
@@ -260,7 +263,7 @@ class _Run:
       state = state.replace(opt_state=ph.tx.init(state.params))
     rstate = steps.replicate(state)
     if ph.features is not None:
-      ph.features = self._cache_features(ph.full_fns['features'], rstate, phase)
+      ph.features = self._cache_features(ph.backbone_fns['features'], rstate, phase)
     for epoch in range(pos.epoch, phase.epochs):
       rstate = self._train_epoch(ph, rstate, pos, epoch)
       rstate = self._end_epoch(ph, rstate, pos, epoch)
@@ -281,17 +284,22 @@ class _Run:
     # Before any checkpoint of the phase: a finished run re-run from its last one needs it.
     record.update(trainable=phase.trainable, epochs=phase.epochs, cached=cached,
                   trainable_params=counts['trainable'], frozen_params=counts['frozen'])
-    common = dict(tx=tx, labels=param_labels, loss_kind=config.loss.kind,
-                  label_smoothing=config.loss.label_smoothing)
-    full = steps.build_steps(self.model, train_transform=self._train_transform(phase),
-                             eval_transform=self.eval_tf, bn_train=optim.bn_train(phase),
-                             pool=config.model.head.pool in ('avg', 'max'), **common)
-    fns = (steps.build_steps(self.model, train_transform=None, eval_transform=lambda x: x,
-                             cached=True, **common) if cached else full)
+    if cached:
+      train_apply = eval_apply = steps.on_features(self.model)
+    else:
+      train_apply = steps.on_images(self.model, self._train_transform(phase),
+                                    bn_train=optim.bn_train(phase))
+      eval_apply = None
+    fns = steps.build_steps(train_apply=train_apply, eval_apply=eval_apply, tx=tx,
+                            param_labels=param_labels, loss_kind=config.loss.kind,
+                            label_smoothing=config.loss.label_smoothing)
+    backbone_fns = steps.build_backbone_steps(self.model, self._train_transform(phase),
+                                              pool=config.model.head.pool in ('avg', 'max'))
     done_epochs = sum(p.epochs for p in config.phases[:index])
     return _Phase(index=index, config=phase, param_labels=param_labels, tx=tx,
-                  train_fn=fns['train'], chunk_fn=fns['train_chunk'], eval_fn=fns['eval'],
-                  full_fns=full, record=record, start_time=time.time() - record['seconds'],
+                  train_fn=fns['train'], chunk_fn=fns['train_chunk'],
+                  eval_fn=fns.get('eval', self.image_eval_fn), backbone_fns=backbone_fns,
+                  record=record, start_time=time.time() - record['seconds'],
                   first_step=done_epochs * self.spe, data_epoch0=done_epochs,
                   features={} if cached else None)
 
@@ -423,7 +431,8 @@ class _Run:
     data_epoch = ph.data_epoch0 + epoch
     pos.epoch, pos.step_in_epoch = epoch + 1, 0
     if optim.bn_train(phase) and phase.precise_bn:
-      rstate = self._precise_bn(ph.full_fns['bn_stats'], rstate, phase.precise_bn, data_epoch)
+      rstate = self._precise_bn(ph.backbone_fns['bn_stats'], rstate, phase.precise_bn,
+                                data_epoch)
     last = epoch + 1 == phase.epochs
     if last or (epoch + 1) % config.eval.every_epochs == 0:
       val = self._evaluate(ph.eval_fn, rstate, 'val', ph.features)
@@ -435,7 +444,7 @@ class _Run:
       if last:
         ph.record['val'] = val
         if 'test' in self.splits:
-          ph.record['test'] = self._evaluate(ph.full_fns['eval'], rstate, 'test', None)
+          ph.record['test'] = self._evaluate(self.image_eval_fn, rstate, 'test', None)
           self.reporter.log({'kind': 'test', 'step': pos.step, 'phase': phase.name,
                              **evaluate.scalars(ph.record['test'])})
     ph.record['seconds'] = time.time() - ph.start_time
@@ -497,8 +506,8 @@ class _Run:
                                                           self.eval_bs)
     train = [extract(fn, self.train_split, jax.random.fold_in(base, v)) for v in range(n_views)]
     if phase.augment:
-      fn = steps.build_steps(self.model, train_transform=lambda key, x: self.eval_tf(x),
-                             pool=self.config.model.head.pool in ('avg', 'max'))['features']
+      fn = steps.build_backbone_steps(self.model, lambda key, x: self.eval_tf(x),
+                                      pool=self.config.model.head.pool in ('avg', 'max'))['features']
     val = extract(fn, self.splits['val'], base)
     megabytes = (sum(t.nbytes for t in train) + val.nbytes) / 2**20
     self.notes.append(f'phase {phase.name}: backbone features cached once ({n_views} view(s), '

@@ -70,10 +70,10 @@ def im2col_conv2d(x, kernel, strides, pads):
   """A conv with few input channels (an RGB stem) as patches @ kernel.
 
   With 3 input channels XLA:CPU's convolution has too little depth to
-  vectorise over (27 GFLOP/s for a 3x3/2 stem); gathering the kh*kw shifted
-  views into one [pixels, kh*kw*cin] matrix costs a few MB and turns the conv
-  into one matmul (2x faster forward and backward). Worth it only while
-  kh*kw*cin is small: the patch matrix grows with it.
+  vectorise over; gathering the kh*kw shifted views into one
+  [pixels, kh*kw*cin] matrix costs a few MB and turns the conv into one
+  matmul, forward and backward. Worth it only while kh*kw*cin is small: the
+  patch matrix grows with it.
   """
   kh, kw, cin, cout = kernel.shape
   cols, (n, ho, wo) = dense_conv.patches(x, (kh, kw), strides, pads)
@@ -88,8 +88,7 @@ IM2COL_MAX_DEPTH = 32
 
 def _im2col_wins(x, kernel, pads) -> bool:
   """Shallow convs (RGB stems) go to im2col unless the C++ conv takes them: it reads
-  kernel rows of the padded input in place (MobileNetV2's stem, batch 32, tuned allocator:
-  forward 14 → 7 ms, kernel gradient 19 → 14 ms) instead of writing nine shifted copies."""
+  kernel rows of the padded input in place instead of writing nine shifted copies."""
   kh, kw, cin, _ = kernel.shape
   return kh * kw * cin <= IM2COL_MAX_DEPTH and not dense_conv.takes_native(x, kernel, pads)
 

@@ -1,8 +1,7 @@
 """Max pooling that XLA:CPU runs at memory speed, with XLA's exact gradient.
 
-`lax.reduce_window` max pooling is a scalar loop on XLA:CPU (ResNet's 3x3/2
-stem pool at batch 32: ~0.15 s forward); its gradient, select-and-scatter,
-is slower still. Here the pool reads the input's stride phases
+`lax.reduce_window` max pooling is a scalar loop on XLA:CPU; its gradient,
+select-and-scatter, is slower still. Here the pool reads the input's stride phases
 (`depthwise.phases`) and takes the
 maximum of K*K unit-stride windows, one fused loop. The hand-written
 gradient routes each output's cotangent to the *first* window position
