@@ -32,8 +32,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not reference' tests
 
-# The C++ kernels (tljax/ops/csrc) under AddressSanitizer and UBSan: the shape fuzz and
-# every tiny model's forward and backward (tests/test_native_fuzz.py), on kernels built
+# The C++ kernels (tljax/cpu_backend/csrc) under AddressSanitizer and UBSan: the shape fuzz
+# and every tiny model's forward and backward (tests/test_native_fuzz.py), on kernels built
 # with TLJAX_SANITIZE. Python is not instrumented, so the ASan runtime is preloaded, with
 # libstdc++ (jaxlib throws C++ exceptions; ASan intercepts them only if libstdc++ is there
 # at start). The huge-block cache stays out: it would hand ASan's heap blocks it does not

@@ -1,4 +1,4 @@
-"""Shape fuzz of the C++ CPU kernels (`tljax.ops.native`) against XLA's own convolution.
+"""Shape fuzz of the C++ CPU kernels (`tljax.cpu_backend.native`) against XLA's own convolution.
 
 The hand-written kernels special-case edges, 8-pixel tiles, 16-channel
 vectors and padding; their bugs hide in the maps that models only reach at
@@ -31,7 +31,8 @@ from jax import lax
 import numpy as np
 import pytest
 
-from tljax.ops import batchnorm, conv, host_memory, native
+from tljax import ops
+from tljax.cpu_backend import allocator, batchnorm, conv, native
 
 HAS_COMPILER = native._compiler() is not None
 SWITCHED_OFF = not native.enabled()
@@ -121,11 +122,6 @@ def _xla_conv(x, k, strides, padding, groups):
                                   feature_group_count=groups)
 
 
-def _bn(rng, c):
-  u = lambda lo, hi: np.asarray(rng.uniform(lo, hi, c), np.float32)  # noqa: E731
-  return dict(mean=u(-2, 2), var=u(0.5, 3), scale=u(-2, 2), bias=u(-1, 3))
-
-
 def _with_grads(fn, args, ct):
   """(fn(*args), d/dx, d/dk) of sum(fn(*args) * ct)."""
   y, vjp = jax.vjp(lambda x, k: fn(x, k, *args[2:]), *args[:2])
@@ -136,16 +132,16 @@ def _seed(case) -> int:
   return zlib.crc32(repr(case).encode())
 
 
-def _run_group(label, cases, build, targets, extra=None):
-  """Compiles `build(case) -> (fast, reference, inputs)` for all cases into one program,
-  checks that it calls `targets`, and compares each case's outputs with the reference's
-  (followed by `extra(reference outputs)`: (expected, scale) pairs computed in NumPy)."""
+def _run_group(label, cases, build, targets):
+  """Compiles `build(case) -> (fast, reference, inputs)` for all cases into one program
+  (`fast` on the CPU backend), checks that it calls `targets`, and compares each case's
+  outputs with the reference's."""
   built = [build(case) for case in cases]
 
   def program(all_inputs):
     out = []
     for (fast, reference, _), inputs in zip(built, all_inputs):
-      with conv.conv_impl('fast'):
+      with ops.use_backend('cpu'):
         got = fast(*inputs)
       out.append((got, reference(*inputs)))
     return out
@@ -156,19 +152,16 @@ def _run_group(label, cases, build, targets, extra=None):
   for target in targets:
     assert f'custom_call_target="{target}"' in hlo, f'{label}: {target} not called'
   for case, (got, ref) in zip(cases, fn(inputs)):
-    expected = [(a, None) for a in ref] + (extra(ref) if extra else [])
-    assert len(got) == len(expected)
-    for name, (a, scale), b in zip(('output', 'input grad', 'kernel grad', 'statistics'),
-                                   expected, got):
-      _assert_close(f'{label} {case} {name}', a, b, scale)
+    assert len(got) == len(ref)
+    for name, a, b in zip(('output', 'input grad', 'kernel grad'), ref, got):
+      _assert_close(f'{label} {case} {name}', a, b)
 
 
-def _assert_close(what, ref, got, scale=None):
-  """Within RTOL of `scale` (default: the reference's largest magnitude)."""
+def _assert_close(what, ref, got):
+  """Within RTOL of the reference's largest magnitude."""
   ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
   assert ref.shape == got.shape, f'{what}: shape {got.shape} != {ref.shape}'
-  if scale is None:
-    scale = np.max(np.abs(ref), initial=0.0)
+  scale = np.max(np.abs(ref), initial=0.0)
   err = np.max(np.abs(ref - got), initial=0.0) / (scale or 1.0)
   assert err <= RTOL, f'{what}: relative error {err:.2e}'
 
@@ -182,11 +175,8 @@ def _ids(groups):
 
 
 DEPTHWISE = _groups(_depthwise_cases(48, random.Random(SEED)))
-DEPTHWISE_AFFINE = _groups(_depthwise_cases(16, random.Random(SEED + 1)))
 DENSE = _groups(_dense_cases(40, random.Random(SEED + 2)))
-DENSE_STATS = _groups(_dense_cases(16, random.Random(SEED + 3)))
-DENSE_AFFINE = _groups(_dense_cases(16, random.Random(SEED + 4)))
-# VALID kernels larger than the map: XLA gives an empty output (and zero statistics).
+# VALID kernels larger than the map: XLA gives an empty output and a zero kernel gradient.
 EMPTY = [(2, (4, 4), (5, 5), (1, 1), 'VALID', 16, 32), (1, (4, 6), (5, 3), (1, 2), 'VALID', 7, 16),
          (1, (6, 2), (3, 3), (1, 1), 'VALID', 33, 48)]
 
@@ -205,37 +195,11 @@ def test_depthwise_forward_and_gradients(cases):
     _, _, _, strides, padding, c = case
     _, x, k, ct = _depthwise_inputs(case, _seed(case))
     fast = lambda x, k, ct: _with_grads(  # noqa: E731
-        lambda x, k: conv.conv2d(x, k, strides=strides, padding=padding, groups=c), (x, k), ct)
+        lambda x, k: ops.conv2d(x, k, strides=strides, padding=padding, groups=c), (x, k), ct)
     reference = lambda x, k, ct: _with_grads(  # noqa: E731
         lambda x, k: _xla_conv(x, k, strides, padding, c), (x, k), ct)
     return fast, reference, (x, k, ct)
   _run_group('depthwise', cases, build, ('tljax_depthwise_forward', 'tljax_depthwise_backward'))
-
-
-@pytest.mark.parametrize('cases', DEPTHWISE_AFFINE, ids=_ids(DEPTHWISE_AFFINE))
-def test_depthwise_batchnorm_activation(cases):
-  """Inference BatchNorm + ReLU/ReLU6/nothing stored by the C++ depthwise kernel; the
-  gradients (the unfused form, on the C++ backward) too."""
-  def build(case):
-    _, _, _, strides, padding, c = case
-    rng, x, k, ct = _depthwise_inputs(case, _seed(case))
-    bn = _bn(rng, c)
-    relu, clip = [(False, (0.0, 6.0)), (True, None), (False, None)][_seed(case) % 3]
-
-    def fused(x, k):
-      return conv.conv2d_bn_act(x, k, **bn, eps=1e-3, relu=relu, clip=clip, strides=strides,
-                                padding=padding, groups=c)
-
-    def unfused(x, k):
-      y = (_xla_conv(x, k, strides, padding, c) - bn['mean']) * (
-          lax.rsqrt(bn['var'] + 1e-3) * bn['scale']) + bn['bias']
-      y = jnp.maximum(y, 0.0) if relu else y
-      return y if clip is None else jnp.clip(y, *clip)
-    fast = lambda x, k, ct: (fused(x, k), *_with_grads(fused, (x, k), ct)[1:])  # noqa: E731
-    reference = lambda x, k, ct: _with_grads(unfused, (x, k), ct)  # noqa: E731
-    return fast, reference, (x, k, ct)
-  _run_group('depthwise affine', cases, build,
-             ('tljax_depthwise_forward_affine', 'tljax_depthwise_backward'))
 
 
 def _dense_inputs(case, seed):
@@ -246,7 +210,7 @@ def _dense_inputs(case, seed):
   return rng, x, k, ct
 
 
-@pytest.mark.parametrize('cases', DENSE, ids=_ids(DENSE))
+@pytest.mark.parametrize('cases', DENSE + [EMPTY], ids=_ids(DENSE) + ['empty'])
 def test_dense_forward_and_gradients(cases):
   """Forward and kernel gradient always C++; the input gradient where it applies
   (stride 1, 16k input channels, top/left padding below the kernel)."""
@@ -254,61 +218,11 @@ def test_dense_forward_and_gradients(cases):
     *_, strides, padding, _, _ = case
     _, x, k, ct = _dense_inputs(case, _seed(case))
     fast = lambda x, k, ct: _with_grads(  # noqa: E731
-        lambda x, k: conv.conv2d(x, k, strides=strides, padding=padding), (x, k), ct)
+        lambda x, k: ops.conv2d(x, k, strides=strides, padding=padding), (x, k), ct)
     reference = lambda x, k, ct: _with_grads(  # noqa: E731
         lambda x, k: _xla_conv(x, k, strides, padding, 1), (x, k), ct)
     return fast, reference, (x, k, ct)
   _run_group('dense', cases, build, ('tljax_conv_forward', 'tljax_conv_kernel_grad'))
-
-
-@pytest.mark.parametrize('cases', DENSE_STATS + [EMPTY], ids=_ids(DENSE_STATS) + ['empty'])
-def test_dense_forward_statistics(cases):
-  """`conv2d_with_stats`: the output's per-channel sum and sum of squares, summed in the
-  C++ conv's registers, against float64 sums of XLA's output."""
-  def build(case):
-    *_, strides, padding, _, _ = case
-    _, x, k, ct = _dense_inputs(case, _seed(case))
-
-    def fast(x, k, ct):
-      y, stats = conv.conv2d_with_stats(x, k, strides=strides, padding=padding)
-      grads = _with_grads(lambda x, k: conv.conv2d_with_stats(
-          x, k, strides=strides, padding=padding)[0], (x, k), ct)
-      return (y, *grads[1:], stats)
-
-    reference = lambda x, k, ct: _with_grads(  # noqa: E731
-        lambda x, k: _xla_conv(x, k, strides, padding, 1), (x, k), ct)
-    return fast, reference, (x, k, ct)
-
-  def stats(ref):
-    y = np.asarray(ref[0], np.float64).reshape(-1, ref[0].shape[-1])
-    return [(np.stack([y.sum(0), (y * y).sum(0)]), np.abs(y).sum(0).max() + (y * y).sum(0).max())]
-  _run_group('dense stats', cases, build, ('tljax_conv_forward_stats', 'tljax_conv_kernel_grad'),
-             stats)
-
-
-@pytest.mark.parametrize('cases', DENSE_AFFINE, ids=_ids(DENSE_AFFINE))
-def test_dense_batchnorm_residual_relu(cases):
-  """Inference BatchNorm, the residual and ReLU applied as the C++ conv stores its tiles."""
-  def build(case):
-    *_, strides, padding, _, cout = case
-    rng, x, k, ct = _dense_inputs(case, _seed(case))
-    bn = _bn(rng, cout)
-    residual = _array(rng, ct.shape) if _seed(case) % 2 else None
-    relu = _seed(case) % 3 != 0
-
-    def fused(x, k):
-      return conv.conv2d_bn_act(x, k, **bn, eps=1e-5, residual=residual, relu=relu,
-                                strides=strides, padding=padding)
-
-    def unfused(x, k):
-      y = (_xla_conv(x, k, strides, padding, 1) - bn['mean']) * (
-          lax.rsqrt(bn['var'] + 1e-5) * bn['scale']) + bn['bias']
-      y = y if residual is None else y + residual
-      return jnp.maximum(y, 0.0) if relu else y
-    fast = lambda x, k, ct: (fused(x, k), *_with_grads(fused, (x, k), ct)[1:])  # noqa: E731
-    reference = lambda x, k, ct: _with_grads(unfused, (x, k), ct)  # noqa: E731
-    return fast, reference, (x, k, ct)
-  _run_group('dense affine', cases, build, ('tljax_conv_forward_affine', 'tljax_conv_kernel_grad'))
 
 
 SUM_SHAPES = [
@@ -325,7 +239,7 @@ def test_batchnorm_sums():
   operands = [(_array(rng, s), _array(rng, s)) for s in SUM_SHAPES]
 
   def program(operands):
-    with conv.conv_impl('fast'):
+    with ops.use_backend('cpu'):
       return [batchnorm._native_sums(a, b) for a, b in operands]
 
   fn = jax.jit(program)
@@ -346,13 +260,12 @@ TINY_MODELS = ('simple_cnn_tiny', 'resnet_tiny', 'mobilenet_tiny', 'efficientnet
 @pytest.mark.parametrize('name', TINY_MODELS)
 def test_tiny_models_forward_backward(name):
   """Each tiny model at 32 px (its last maps are 1-2 px wide), on the sanitizer build: a
-  training step's gradients (conv statistics, BatchNorm sums, both conv gradients) and
-  inference (BatchNorm folded into the conv kernels), one program. Values need only be
-  finite: the kernels' results are checked against XLA above."""
+  training step's gradients (BatchNorm sums, both conv gradients) and inference, one
+  program. Values need only be finite: the kernels' results are checked against XLA above."""
   from tljax import models
   model = models.create(name, 3)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
-  with conv.conv_impl('fast'):
+  with ops.use_backend('cpu'):
     variables = jax.jit(model.init)(jax.random.key(0), x)
 
     def loss(params):
@@ -363,4 +276,4 @@ def test_tiny_models_forward_backward(name):
     grads, logits = jax.jit(lambda v: (jax.grad(loss)(v['params']), model.apply(v, x)))(variables)
   for leaf in jax.tree_util.tree_leaves((grads, logits)):
     assert np.all(np.isfinite(leaf))
-  assert not host_memory.block_cache_active(), 'the huge-block cache hides memory from ASan'
+  assert not allocator.block_cache_active(), 'the huge-block cache hides memory from ASan'

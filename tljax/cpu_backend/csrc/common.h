@@ -1,6 +1,6 @@
 // Pieces every tljax FFI kernel uses: 16-float vectors and the conv attributes.
-#ifndef TLJAX_OPS_CSRC_COMMON_H_
-#define TLJAX_OPS_CSRC_COMMON_H_
+#ifndef TLJAX_CPU_BACKEND_CSRC_COMMON_H_
+#define TLJAX_CPU_BACKEND_CSRC_COMMON_H_
 
 #include <algorithm>
 #include <cstddef>
@@ -83,4 +83,4 @@ auto WithStridesAndPadding(Binding binding) {
 
 }  // namespace tljax
 
-#endif  // TLJAX_OPS_CSRC_COMMON_H_
+#endif  // TLJAX_CPU_BACKEND_CSRC_COMMON_H_

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -40,61 +39,12 @@ constexpr int64_t kTiles = 6;     // tiles per work item
 constexpr int64_t kDepth = 256;   // input channels per pass (keeps the kernel slice in L2)
 constexpr int64_t kGroupFloats = 160 * 1024;  // kernel floats per multi-tap pass (640 KB)
 
-// What the final pass does to a tile as it leaves registers. `sums` (+ channel offset):
-// the tile's per-channel sum and sum of squares are added to sums[0, ..] and sums[lds, ..]
-// (training BatchNorm's statistics). `scale`/`bias` (+ channel offset): y = acc * scale +
-// bias, then + `residual` (laid out like the output, whose start is `out_base`), then
-// max(y, 0) with `relu` (an inference BatchNorm folded into the conv, the block's skip
-// connection and its ReLU).
-struct Epilogue {
-  float* sums = nullptr;
-  int64_t lds = 0;
-  const float* scale = nullptr;
-  const float* bias = nullptr;
-  const float* residual = nullptr;
-  const float* out_base = nullptr;
-  bool relu = false;
-};
-
-template <int NV>
-inline void Finish(V16 (&acc)[kRows][NV], float* out, int64_t ldo, int valid, const Epilogue& ep,
-                   int64_t co) {
-  if (ep.sums != nullptr) {
-    V16 s1[NV] = {}, s2[NV] = {};
-    for (int r = 0; r < valid; ++r)
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) s1[v] += acc[r][v], s2[v] += acc[r][v] * acc[r][v];
-    float* sums = ep.sums + co;
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      Store(sums + 16 * v, Load(sums + 16 * v) + s1[v]);
-      Store(sums + ep.lds + 16 * v, Load(sums + ep.lds + 16 * v) + s2[v]);
-    }
-  }
-  V16 scale[NV], bias[NV];
-  if (ep.scale != nullptr)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v)
-      scale[v] = Load(ep.scale + co + 16 * v), bias[v] = Load(ep.bias + co + 16 * v);
-  const float* residual = ep.residual ? ep.residual + (out - ep.out_base) : nullptr;
-  for (int r = 0; r < valid; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      V16 y = acc[r][v];
-      if (ep.scale != nullptr) y = y * scale[v] + bias[v];
-      if (residual) y += Load(residual + r * ldo + 16 * v);
-      if (ep.relu) y = y < 0.0f ? V16{} : y;  // NaN stays NaN, as in jnp.maximum
-      Store(out + r * ldo + 16 * v, y);
-    }
-}
-
 // out[r, 16v..] (+)= sum_t sum_c rows[t][r][c] * b[(t * depth + c) * ldb + 16v ..] over `taps`
 // consecutive taps whose kernel rows follow each other; rows >= valid are not stored.
-// `ep` (final pass only) is applied to output channels co.. of the tile.
 template <int NV>
 inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, const float* b,
                   int64_t ldb, int64_t depth, float* out, int64_t ldo, int valid,
-                  bool accumulate, const Epilogue* ep = nullptr, int64_t co = 0) {
+                  bool accumulate) {
   V16 acc[kRows][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r)
@@ -117,11 +67,9 @@ inline void Micro(const float* const* rows, int64_t tap_stride, int64_t taps, co
       }
     }
   }
-  if (ep != nullptr) Finish<NV>(acc, out, ldo, valid, *ep, co);
-  else
-    for (int r = 0; r < valid; ++r)
+  for (int r = 0; r < valid; ++r)
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) Store(out + r * ldo + 16 * v, acc[r][v]);
 }
 
 struct Geometry {
@@ -164,12 +112,8 @@ inline void TapRows(const Geometry& g, const float* x, const float* zeros, int64
   }
 }
 
-// The forward convolution, `epilogue` applied by its final pass; with `stats` ([2, Cout])
-// also the per-channel sum and sum of squares of the output, accumulated per work item and
-// added up in item order (deterministic, like the kernel gradient).
-ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                       ffi::ResultBuffer<ffi::F32> y, Epilogue epilogue, float* stats,
-                       int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   Geometry g;
   if (ffi::Error e = Check(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
@@ -179,7 +123,6 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* xp = xb.get();
   const float* kp = kb.get();
   float* yp = yb.get();
-  epilogue.out_base = yp;
   const std::vector<float> zeros(static_cast<size_t>(g.cin), 0.0f);
   const int64_t pixels = g.n * g.ho * g.wo, chunk = kRows * kTiles, taps = g.kh * g.kw;
   // Taps whose whole kernel slice fits the L2 budget run in one register-resident pass;
@@ -189,16 +132,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   std::vector<const float*> scratch(static_cast<size_t>(threads * taps * chunk));
   const int64_t items = (pixels + chunk - 1) / chunk;
-  // One [2, Cout] buffer per work item, added in item order (slot 0 is `stats` itself);
-  // an empty output (a VALID kernel larger than the map) still has one, zeroed.
-  SlotSums item_sums(stats, stats ? 2 * g.cout : 0, stats ? std::max<int64_t>(1, items) : 1);
-  const bool finishes = stats || epilogue.scale || epilogue.residual || epilogue.relu;
   auto body = [&](int64_t item, int worker) {
     const int64_t p0 = item * chunk, p1 = std::min(pixels, p0 + chunk);
     const float** rows = scratch.data() + worker * taps * chunk;
-    Epilogue ep = epilogue;
-    ep.sums = stats ? item_sums[item] : nullptr;
-    ep.lds = g.cout;
     for (int64_t t = 0; t < taps; ++t) {
       TapRows(g, xp, zeros.data(), p0, p1 - p0, t / g.kw, t % g.kw, rows + t * chunk);
       std::fill(rows + t * chunk + (p1 - p0), rows + (t + 1) * chunk, zeros.data());
@@ -208,8 +144,6 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t c0 = 0; c0 < g.cin; c0 += kDepth) {
         const int64_t depth = std::min(kDepth, g.cin - c0);
         const bool accumulate = t0 > 0 || c0 > 0;
-        const bool final = t0 + nt == taps && c0 + depth == g.cin;
-        const Epilogue* epp = final && finishes ? &ep : nullptr;
         const float* kt = kp + (t0 * g.cin + c0) * g.cout;
         for (int64_t tile = 0; tile * kRows < p1 - p0; ++tile) {
           const float* tr[kRows];
@@ -224,54 +158,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buff
           float* out = yp + (p0 + tile * kRows) * g.cout;
           int64_t co = 0;
           for (; co + 32 <= g.cout; co += 32)
-            Micro<2>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate,
-                     epp, co);
+            Micro<2>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate);
           if (co < g.cout)
-            Micro<1>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate,
-                     epp, co);
+            Micro<1>(src, stride, nt, kt + co, g.cout, depth, out + co, g.cout, valid, accumulate);
         }
       }
     }
   };
   ParallelFor(pool, items, items, body);
-  item_sums.Finish(pool);
   return ffi::Error::Success();
-}
-
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  return ForwardImpl(pool, x, k, y, Epilogue{}, nullptr, sh, sw, pt, pl);
-}
-
-ffi::Error ForwardStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> stats,
-                        int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  const auto sd = stats->dimensions();
-  if (sd.size() != 2 || sd[0] != 2 || sd[1] != k.dimensions().back())
-    return ffi::Error::InvalidArgument("conv stats: want a [2, Cout] result");
-  tljax::Out sb(stats);
-  return ForwardImpl(pool, x, k, y, Epilogue{}, sb.get(), sh, sw, pt, pl);
-}
-
-// Inference: relu?(conv(x) * scale + bias + residual?), one pass over the output.
-ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                         ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
-                         int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t relu,
-                         int64_t with_residual) {
-  const int64_t cout = k.dimensions().back();
-  if (scale.element_count() != static_cast<size_t>(cout) ||
-      bias.element_count() != static_cast<size_t>(cout) ||
-      (with_residual && residual.element_count() != y->element_count()))
-    return ffi::Error::InvalidArgument(
-        "conv affine: want scale and bias [Cout] and a residual shaped like the output");
-  const tljax::In sb(scale), bb(bias), rb(residual);
-  Epilogue ep;
-  ep.scale = sb.get();
-  ep.bias = bb.get();
-  ep.residual = with_residual ? rb.get() : nullptr;
-  ep.relu = relu != 0;
-  return ForwardImpl(pool, x, k, y, ep, nullptr, sh, sw, pt, pl);
 }
 
 constexpr int64_t kGradPixels = 128;  // output pixels per kernel-gradient work item
@@ -373,26 +268,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward_stats, ForwardStats,
-                              WithStridesAndPadding(ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_forward_affine, ForwardAffine,
-                              WithStridesAndPadding(ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>())
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("residual"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_conv_kernel_grad, KernelGrad,
                               WithStridesAndPadding(ffi::Ffi::Bind()

@@ -75,42 +75,9 @@ inline void Interior(const Geometry& g, int64_t* lo, int64_t* hi) {
 // kTile output pixels at once: independent accumulators keep the FMA pipes busy.
 constexpr int kTile = 8;
 
-// Inference: min(max(acc * scale + bias, lo), hi) per channel as outputs are stored (a
-// running-statistics BatchNorm folded to scale/bias, then ReLU/ReLU6 or nothing).
-struct Affine {
-  const float* scale = nullptr;
-  const float* bias = nullptr;
-  float lo = 0.0f, hi = 0.0f;
-};
-
-template <class B>
-struct Finisher {
-  bool on = false;
-  typename B::T scale{}, bias{}, lo{}, hi{};
-
-  Finisher(const Affine* a, int64_t c0) {
-    if (!a) return;
-    on = true;
-    scale = B::Load(a->scale + c0);
-    bias = B::Load(a->bias + c0);
-    float l[B::kWidth], h[B::kWidth];
-    for (int64_t i = 0; i < B::kWidth; ++i) l[i] = a->lo, h[i] = a->hi;
-    lo = B::Load(l);
-    hi = B::Load(h);
-  }
-  // Comparisons keep NaN (as jnp.clip does).
-  typename B::T operator()(typename B::T v) const {
-    if (!on) return v;
-    v = v * scale + bias;
-    v = v < lo ? lo : v;
-    return v > hi ? hi : v;
-  }
-};
-
 template <class B>
 void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t n,
-                int64_t oh, int64_t c0, const Affine* affine) {
-  const Finisher<B> finish(affine, c0);
+                int64_t oh, int64_t c0) {
   int64_t ih0 = oh * g.sh - g.pt;
   int64_t i_lo = std::max<int64_t>(0, -ih0), i_hi = std::min(g.kh, g.h - ih0);
   const float* xn = x + n * g.h * g.w * g.c + c0;
@@ -125,7 +92,7 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
       for (int64_t j = j_lo; j < j_hi; ++j)
         acc += B::Load(xr + (iw0 + j) * g.c) * B::Load(kr + j * g.c);
     }
-    B::Store(yr + ow * g.c, finish(acc));
+    B::Store(yr + ow * g.c, acc);
   };
   int64_t lo, hi;
   Interior(g, &lo, &hi);
@@ -147,7 +114,7 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
       }
     }
 #pragma GCC unroll 16
-    for (int t = 0; t < kTile; ++t) B::Store(yr + (ow + t) * g.c, finish(acc[t]));
+    for (int t = 0; t < kTile; ++t) B::Store(yr + (ow + t) * g.c, acc[t]);
   }
   for (; ow < g.wo; ++ow) edge(ow);
 }
@@ -212,9 +179,8 @@ ffi::Error CheckGeometry(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensio
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                       int64_t pl, const Affine* affine) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   Geometry g;
   if (ffi::Error e = CheckGeometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
@@ -227,28 +193,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   auto body = [&](int64_t item, int) {
     int64_t n = item / g.ho, oh = item % g.ho;
     ForEachBlock(g.c, [&](auto b, int64_t c0) {
-      ForwardRow<decltype(b)>(g, xp, kp, yp, n, oh, c0, affine);
+      ForwardRow<decltype(b)>(g, xp, kp, yp, n, oh, c0);
     });
   };
   ParallelFor(pool, g.n * g.ho, g.n * g.ho, body);
   return ffi::Error::Success();
-}
-
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  return ForwardImpl(pool, x, k, y, sh, sw, pt, pl, nullptr);
-}
-
-ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                         int64_t pl, float lo, float hi) {
-  const size_t c = k.dimensions().back();
-  if (scale.element_count() != c || bias.element_count() != c)
-    return ffi::Error::InvalidArgument("depthwise affine: want scale and bias [C]");
-  const tljax::In sb(scale), bb(bias);
-  Affine affine{sb.get(), bb.get(), lo, hi};
-  return ForwardImpl(pool, x, k, y, sh, sw, pt, pl, &affine);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -288,17 +237,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_forward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_forward_affine, ForwardAffine,
-                              WithStridesAndPadding(ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>())
-                                  .Attr<float>("lo")
-                                  .Attr<float>("hi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tljax_depthwise_backward, Backward,
                               WithStridesAndPadding(ffi::Ffi::Bind()

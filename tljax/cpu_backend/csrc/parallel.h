@@ -1,6 +1,6 @@
 // Work sharing over XLA:CPU's intra-op thread pool for the FFI kernels.
-#ifndef TLJAX_OPS_CSRC_PARALLEL_H_
-#define TLJAX_OPS_CSRC_PARALLEL_H_
+#ifndef TLJAX_CPU_BACKEND_CSRC_PARALLEL_H_
+#define TLJAX_CPU_BACKEND_CSRC_PARALLEL_H_
 
 #include <algorithm>
 #include <atomic>
@@ -99,4 +99,4 @@ class SlotSums {
 
 }  // namespace tljax
 
-#endif  // TLJAX_OPS_CSRC_PARALLEL_H_
+#endif  // TLJAX_CPU_BACKEND_CSRC_PARALLEL_H_
