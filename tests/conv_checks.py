@@ -4,19 +4,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.ops import conv
+from tljax import ops
 
 
 def run_conv(impl, x, k, strides, padding, groups, *, seed, hlo=False):
-  """(y, dy/dx, dy/dk) of sum(conv(x, k) * cotangent) under `impl` (and the compiled HLO text).
+  """(y, dy/dx, dy/dk) of sum(conv(x, k) * cotangent) under ops backend `impl` ('xla' or
+  'cpu'), and the compiled HLO text if `hlo`.
 
-  The cotangent is drawn from `seed`, so the 'xla' and 'fast' runs of one case share it.
+  The cotangent is drawn from `seed`, so the 'xla' and 'cpu' runs of one case share it.
   """
   def loss(x, k, ct):
-    y = conv.conv2d(x, k, strides=strides, padding=padding, groups=groups)
+    y = ops.conv2d(x, k, strides=strides, padding=padding, groups=groups)
     return jnp.sum(y.astype(jnp.float32) * ct), y
 
-  with conv.conv_impl(impl):
+  with ops.use_backend(impl):
     shape = jax.eval_shape(lambda x, k: loss(x, k, 0.0)[1], x, k).shape
     ct = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))

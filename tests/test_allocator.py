@@ -8,20 +8,20 @@ import textwrap
 
 import pytest
 
-from tljax.ops import host_memory
+from tljax.cpu_backend import allocator
 
 glibc_only = pytest.mark.skipif(
     platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc', reason='glibc tunables')
 
 
 def test_allocator_environ_adds_tunables_and_keeps_the_users():
-  env = host_memory.allocator_environ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4:glibc.x=1',
+  env = allocator.allocator_environ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4:glibc.x=1',
                                        'OTHER': 'y'})
   items = dict(kv.split('=') for kv in env['GLIBC_TUNABLES'].split(':'))
   assert items['glibc.malloc.arena_max'] == '4' and items['glibc.x'] == '1'
   assert int(items['glibc.malloc.mmap_threshold']) > 2 ** 31   # what mallopt cannot set
   assert env['OTHER'] == 'y'
-  assert host_memory.allocator_environ({})['GLIBC_TUNABLES'].count('glibc.malloc.') == 4
+  assert allocator.allocator_environ({})['GLIBC_TUNABLES'].count('glibc.malloc.') == 4
 
 
 # Frees and re-allocates a 2.2 GB block with C malloc (bigger than any int mallopt takes; numpy
@@ -49,24 +49,25 @@ def test_tunables_keep_a_freed_block_above_2gib_for_reuse():
   plain = dict(os.environ)
   plain.pop('GLIBC_TUNABLES', None)
   assert faults(plain) > 400_000            # 2.2 GB / 4 KiB pages, zeroed afresh
-  assert faults(host_memory.allocator_environ(plain)) < 1_000
+  assert faults(allocator.allocator_environ(plain)) < 1_000
 
 
-_REEXEC = textwrap.dedent('''
+_RESTART = textwrap.dedent('''
     import os, sys
-    from tljax.ops import host_memory
-    print('run', os.getpid(), host_memory.tunables_active(), sys.argv[1:], flush=True)
-    host_memory.reexec_with_tuned_allocator()
-    print('after', host_memory.tune_host_allocator(), flush=True)
+    from tljax.cpu_backend import allocator
+    print('run', os.getpid(), allocator.tunables_active(), sys.argv[1:], flush=True)
+    allocator.restart_with_tuned_allocator()
+    print('after', allocator.tune_host_allocator(), flush=True)
 ''')
 
 
 @glibc_only
-def test_reexec_restarts_the_same_process_once_with_the_tunables(tmp_path):
+def test_restart_runs_the_same_process_once_with_the_tunables(tmp_path):
   script = tmp_path / 'child.py'
-  script.write_text(_REEXEC)
-  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  script.write_text(_RESTART)
+  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS='cpu')
   env.pop('GLIBC_TUNABLES', None)
+  env.pop('TLJAX_OPS', None)
   out = subprocess.run([sys.executable, str(script), '--flag=1'], env=env, capture_output=True,
                        text=True, check=True).stdout.split('\n')
   first, second, after = out[0].split(), out[1].split(), out[2]
@@ -105,7 +106,7 @@ def _run(script, env, *args):
 
 @glibc_only
 def test_block_cache_reuses_the_block_glibc_places_afresh():
-  tuned = host_memory.allocator_environ({k: v for k, v in os.environ.items()
+  tuned = allocator.allocator_environ({k: v for k, v in os.environ.items()
                                          if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')})
   assert 'tljax_hostalloc_' in tuned['LD_PRELOAD']
   heap_only = {k: v for k, v in tuned.items() if k != 'LD_PRELOAD'}
@@ -159,7 +160,7 @@ _SEMANTICS = textwrap.dedent('''
 
 @glibc_only
 def test_block_cache_keeps_the_c_allocator_contract():
-  env = host_memory.allocator_environ({k: v for k, v in os.environ.items()
+  env = allocator.allocator_environ({k: v for k, v in os.environ.items()
                                        if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')})
   assert _run(_SEMANTICS, env) == ['ok']
 
@@ -167,13 +168,13 @@ def test_block_cache_keeps_the_c_allocator_contract():
 _JAX = textwrap.dedent('''
     import sys
     import jax, jax.numpy as jnp, numpy as np
-    from tljax.ops import host_memory
+    from tljax.cpu_backend import allocator
     f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)              # temporaries above 64 MiB
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4096, 4096), np.float32))
     results = [np.asarray(f(x)) for _ in range(3)]
     assert all(np.array_equal(results[0], r) for r in results)
     np.save(sys.argv[1], results[0])
-    print(host_memory.block_cache_active())
+    print(allocator.block_cache_active())
 ''')
 
 
@@ -181,19 +182,19 @@ _JAX = textwrap.dedent('''
 def test_jax_runs_the_same_under_the_block_cache(tmp_path):
   base = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
   base.update(PYTHONPATH=os.getcwd(), JAX_PLATFORMS='cpu')
-  assert _run(_JAX, host_memory.allocator_environ(base), str(tmp_path / 'on.npy')) == ['True']
+  assert _run(_JAX, allocator.allocator_environ(base), str(tmp_path / 'on.npy')) == ['True']
   assert _run(_JAX, base, str(tmp_path / 'off.npy')) == ['False']
   import numpy as np
   np.testing.assert_array_equal(np.load(tmp_path / 'on.npy'), np.load(tmp_path / 'off.npy'))
 
 
 def test_block_cache_switch():
-  env = host_memory.allocator_environ({'LD_PRELOAD': '/opt/user.so', 'TLJAX_HOST_BLOCK_CACHE': '0'})
+  env = allocator.allocator_environ({'LD_PRELOAD': '/opt/user.so', 'TLJAX_HOST_BLOCK_CACHE': '0'})
   assert env['LD_PRELOAD'] == '/opt/user.so'
   with pytest.raises(ValueError, match='TLJAX_HOST_BLOCK_CACHE'):
-    host_memory.allocator_environ({'TLJAX_HOST_BLOCK_CACHE': 'maybe'})
-  if host_memory._is_glibc_linux():
-    env = host_memory.allocator_environ({'LD_PRELOAD': '/opt/user.so'})
+    allocator.allocator_environ({'TLJAX_HOST_BLOCK_CACHE': 'maybe'})
+  if allocator._is_glibc_linux():
+    env = allocator.allocator_environ({'LD_PRELOAD': '/opt/user.so'})
     first, rest = env['LD_PRELOAD'].split(':')
     assert 'tljax_hostalloc_' in first and rest == '/opt/user.so'
-    assert host_memory.allocator_environ(env)['LD_PRELOAD'] == env['LD_PRELOAD']
+    assert allocator.allocator_environ(env)['LD_PRELOAD'] == env['LD_PRELOAD']

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -20,17 +21,20 @@ import os, sys
 import numpy as np
 import jax, jax.numpy as jnp
 import tljax
-from tljax.ops import conv, native
+from tljax import ops
+from tljax.cpu_backend import native
 assert tljax.__file__.startswith(sys.argv[1]), tljax.__file__
+assert native.__file__.startswith(sys.argv[1]), native.__file__
+assert ops.active_backend() == 'cpu', ops.active_backend()
 assert native.library() is not None, 'the C++ kernels did not build from the installed sources'
 assert native.host_allocator().exists()
 x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 8)), jnp.float32)
 k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 1, 8)), jnp.float32)
-y = jax.jit(lambda x, k: conv.conv2d(x, k, strides=1, padding=((1, 1), (1, 1)), groups=8))(x, k)
+y = jax.jit(lambda x, k: ops.conv2d(x, k, strides=1, padding=((1, 1), (1, 1)), groups=8))(x, k)
 ref = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), feature_group_count=8,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-assert 'tljax_depthwise' in jax.jit(lambda x, k: conv.conv2d(
+assert 'tljax_depthwise' in jax.jit(lambda x, k: ops.conv2d(
     x, k, strides=1, padding=((1, 1), (1, 1)), groups=8)).lower(x, k).as_text()
 print('ok', tljax.__file__)
 '''
@@ -50,6 +54,12 @@ def test_wheel_install_builds_and_uses_the_cpu_backend(tmp_path):
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation',
                   '-w', str(tmp_path / 'dist'), str(src)], check=True, capture_output=True)
   wheel, = (tmp_path / 'dist').glob('tljax-*.whl')
+  shipped = set(zipfile.ZipFile(wheel).namelist())
+  sources = [n for n in files if n.startswith('tljax/cpu_backend/csrc/')]
+  assert 'tljax/cpu_backend/csrc/hostalloc.c' in sources and len(sources) >= 6, sources
+  assert not set(sources) - shipped, f'C++ sources missing from the wheel: {set(sources) - shipped}'
+  assert 'tljax/ops.py' in shipped
+  assert not any(n.startswith('tljax/ops/') for n in shipped), 'the old tljax/ops package ships'
   target = tmp_path / 'site'
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target',
                   str(target), str(wheel)], check=True, capture_output=True)

@@ -1,6 +1,6 @@
-"""The fast CPU conv paths must be the same function as XLA's convolution.
+"""The CPU backend's conv paths must be the same function as XLA's convolution.
 
-Every case runs the 'xla' and 'fast' implementations of `conv2d` and
+Every case runs `ops.conv2d` (tljax/ops.py) under the 'xla' and 'cpu' backends and
 compares outputs and both gradients (input and kernel); the reference is
 always `lax.conv_general_dilated`, never the code under test.
 """
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tljax.ops import conv
-from tljax.ops.host_memory import tune_host_allocator
+from tljax import ops
+from tljax.cpu_backend.allocator import tune_host_allocator
 
 from tests.conv_checks import assert_close, run_conv
 
@@ -29,7 +29,7 @@ def _inputs(n, h, w, cin, kh, kw, cout, groups, dtype=jnp.float32):
 
 def _assert_same(x, k, strides, padding, groups, rtol=1e-5):
   assert_close(_run('xla', x, k, strides, padding, groups),
-               _run('fast', x, k, strides, padding, groups), rtol)
+               _run('cpu', x, k, strides, padding, groups), rtol)
 
 
 DEPTHWISE = [
@@ -94,16 +94,16 @@ def test_other_convs_keep_xla_forward_and_match(cin, cout, kernel, groups):
   kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
   x, k = _inputs(2, 7, 7, cin, kh, kw, cout, groups)
   _assert_same(x, k, 1, 'SAME', groups)
-  with conv.conv_impl('fast'):
-    jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv2d(x, k, padding='SAME', groups=groups))(x, k))
+  with ops.use_backend('cpu'):
+    jaxpr = str(jax.make_jaxpr(lambda x, k: ops.conv2d(x, k, padding='SAME', groups=groups))(x, k))
   assert 'conv_general_dilated' in jaxpr
 
 
 @pytest.mark.parametrize('cin, cout, kernel, groups', [(6, 6, 3, 6), (8, 4, 1, 1), (3, 4, 3, 1)])
-def test_fast_path_replaces_xla_conv(cin, cout, kernel, groups):
+def test_cpu_backend_replaces_xla_conv(cin, cout, kernel, groups):
   x, k = _inputs(1, 6, 6, cin, kernel, kernel, cout, groups)
-  with conv.conv_impl('fast'):
-    jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv2d(x, k, padding='SAME', groups=groups))(x, k))
+  with ops.use_backend('cpu'):
+    jaxpr = str(jax.make_jaxpr(lambda x, k: ops.conv2d(x, k, padding='SAME', groups=groups))(x, k))
   assert 'conv_general_dilated' not in jaxpr
 
 
@@ -113,7 +113,7 @@ def test_bf16_outputs_identical_and_grads_close(c_in, c_out, kernel, stride, gro
   x, k = _inputs(2, 9, 8, c_in, kernel, kernel, c_out, groups, jnp.bfloat16)
   p = (kernel - 1) // 2
   ref = _run('xla', x, k, stride, ((p, p), (p, p)), groups)
-  got = _run('fast', x, k, stride, ((p, p), (p, p)), groups)
+  got = _run('cpu', x, k, stride, ((p, p), (p, p)), groups)
   assert all(g.dtype == jnp.bfloat16 for g in got)
   np.testing.assert_array_equal(np.asarray(ref[0], np.float32), np.asarray(got[0], np.float32))
   for a, b in zip(ref[1:], got[1:]):
@@ -121,29 +121,42 @@ def test_bf16_outputs_identical_and_grads_close(c_in, c_out, kernel, stride, gro
     assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 2e-2  # a few bf16 ulps
 
 
-def test_impl_selection(monkeypatch):
-  monkeypatch.delenv('TLJAX_CONV_IMPL', raising=False)
-  assert conv.resolved_impl() == ('fast' if jax.default_backend() == 'cpu' else 'xla')
-  monkeypatch.setenv('TLJAX_CONV_IMPL', 'xla')
-  assert conv.resolved_impl() == 'xla'
-  with conv.conv_impl('fast'):
-    assert conv.resolved_impl() == 'fast'
-    with conv.conv_impl('xla'):
-      assert conv.resolved_impl() == 'xla'
-    assert conv.resolved_impl() == 'fast'
-  assert conv.resolved_impl() == 'xla'
-  monkeypatch.setenv('TLJAX_CONV_IMPL', 'cudnn')
-  with pytest.raises(ValueError, match='TLJAX_CONV_IMPL'):
-    conv.resolved_impl()
-  with pytest.raises(ValueError, match='conv_impl'):
-    with conv.conv_impl('fastest'):
+def test_backend_selection(monkeypatch):
+  monkeypatch.delenv('TLJAX_OPS', raising=False)
+  assert ops.requested() == 'auto'
+  assert ops.active_backend() == ('cpu' if jax.default_backend() == 'cpu' else 'xla')
+  monkeypatch.setenv('TLJAX_OPS', 'xla')
+  assert ops.active_backend() == 'xla'
+  with ops.use_backend('cpu'):
+    assert ops.active_backend() == 'cpu'
+    with ops.use_backend('xla'):
+      assert ops.active_backend() == 'xla'
+    assert ops.active_backend() == 'cpu'
+  assert ops.active_backend() == 'xla'
+  monkeypatch.setenv('TLJAX_OPS', ' CPU ')
+  assert ops.requested() == 'cpu' and ops.active_backend() == 'cpu'
+  assert ops.requested({'TLJAX_OPS': ''}) == 'auto'
+  monkeypatch.setenv('TLJAX_OPS', 'cudnn')
+  with pytest.raises(ValueError, match='TLJAX_OPS'):
+    ops.active_backend()
+  with pytest.raises(ValueError, match='TLJAX_OPS'):
+    ops.conv2d(*_inputs(1, 5, 5, 2, 3, 3, 2, 1))
+  with pytest.raises(ValueError, match='use_backend'):
+    with ops.use_backend('fast'):   # the old name is no backend
       pass
+
+
+def test_xla_backend_is_plain_lax_conv():
+  x, k = _inputs(1, 6, 6, 6, 3, 3, 6, 6)
+  with ops.use_backend('xla'):
+    jaxpr = str(jax.make_jaxpr(lambda x, k: ops.conv2d(x, k, padding='SAME', groups=6))(x, k))
+  assert 'conv_general_dilated' in jaxpr
 
 
 def test_kernel_shape_mismatch_is_explained():
   x, k = _inputs(1, 5, 5, 6, 3, 3, 6, 1)
   with pytest.raises(ValueError, match='groups=3'):
-    conv.conv2d(x, k, groups=3)
+    ops.conv2d(x, k, groups=3)
 
 
 def test_tune_host_allocator_is_idempotent():

@@ -2,7 +2,7 @@
 
   python -m tljax.main --config=configs/<recipe>.py:tiny --workdir=<dir>
 
-The tiny runs go through everything a real run does (the process re-executed
+The tiny runs go through everything a real run does (the process restarted
 under the tuned allocator with the huge-block cache preloaded, the C++
 kernels, every phase and variant, checkpoints, evaluation, summaries) on
 maps small enough to reach 1x1: the README's own test mode once crashed with
@@ -10,7 +10,8 @@ heap corruption from a kernel that no in-process test had run on such a map.
 So each runs as a subprocess with default settings, in the environment the
 user's shell had: without what tests/conftest.py adds for in-process tests
 (8 fake CPU devices, the CPU platform pinned) and without tljax's switches
-(TLJAX_NATIVE, TLJAX_CONV_IMPL, TLJAX_SANITIZE, ...), so kernels are on.
+(TLJAX_OPS, TLJAX_NATIVE, TLJAX_SANITIZE, ...), so the CPU backend and its kernels
+are on; each run's one `CPU backend:` line must say so.
 
 Recipes that take an argument (`ARGS`, e.g. `monkeys.py:model=...`) run once
 per value whose tiny config differs. Two runs at a time: on 2 cores that
@@ -23,18 +24,20 @@ import glob
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tljax.ops import native
+from tljax.cpu_backend import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 WORKERS = 2
 TIMEOUT_S = 900
+GLIBC = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
 
 # What tests/conftest.py sets for in-process tests (only dropped where it has these values).
 _CONFTEST = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'KERAS_BACKEND': 'jax'}
@@ -126,6 +129,13 @@ def test_every_recipe_tiny_runs_like_a_user_runs_it(tmp_path):
     problems = []
     if rc != 0:
       problems.append('exit status')
+    backend = [line for line in output.splitlines() if line.startswith('CPU backend:')]
+    if len(backend) != 1:
+      problems.append(f'{len(backend)} "CPU backend:" lines, not 1')
+    elif native._compiler() is not None and 'C++ kernels' not in backend[0]:
+      problems.append(f'ran without the C++ kernels ({backend[0]})')
+    elif GLIBC and native._compiler() is not None and 'huge-block cache' not in backend[0]:
+      problems.append(f'not restarted under the tuned allocator ({backend[0]})')
     if native._compiler() is not None and 'pure-JAX CPU kernels' in output:
       problems.append('ran without the C++ kernels')
     for summary, phases in _summaries(cfg, workdir).items():
