@@ -61,8 +61,9 @@ def run_phase(setup, rule, bn, n_steps=3, devices=None, loss='softmax', model=No
   tx = optim.make_optimizer(p, labels, steps_per_epoch=n_steps)
   state = steps.TrainState(variables['params'], variables['batch_stats'],
                            tx.init(variables['params']), np.zeros((), np.int32), steps.make_key(0))
-  fns = steps.build_steps(model, tx=tx, labels=labels, train_transform=to_input, loss_kind=loss,
-                          bn_train=bn == 'train', cached=cached_batches is not None,
+  train_apply = (steps.on_features(model) if cached_batches is not None else
+                 steps.on_images(model, to_input, bn_train=bn == 'train'))
+  fns = steps.build_steps(train_apply=train_apply, tx=tx, param_labels=labels, loss_kind=loss,
                           devices=devices, donate=False)
   rstate = steps.replicate(state, devices)
   metrics = []
@@ -145,9 +146,8 @@ def test_head_only_step_costs_about_one_forward(setup):
     tx = optim.make_optimizer(phase('p', trainable=rule), labels, 1)
     state = steps.TrainState(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
                              steps.make_key(0))
-    step = functools.partial(steps.train_step, model=model, tx=tx, labels=labels,
-                             transform=to_input, loss_kind='softmax', label_smoothing=0.0,
-                             bn_train=False)
+    step = functools.partial(steps.train_step, apply_fn=steps.on_images(model, to_input), tx=tx,
+                             param_labels=labels, loss_kind='softmax', label_smoothing=0.0)
     vmapped = jax.vmap(step, axis_name=steps.AXIS)
     stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], (state, batch))
     costs[rule] = _flops(vmapped, *stacked) / forward
@@ -220,7 +220,7 @@ def test_precise_bn_step_returns_the_batch_statistics(setup):
   batch = make_batch(1, seed=5)
   state = steps.TrainState(variables['params'], variables['batch_stats'], None,
                            np.zeros((), np.int32), steps.make_key(0))
-  fn = steps.build_steps(model, train_transform=to_input, devices=devices)['bn_stats']
+  fn = steps.build_backbone_steps(model, to_input, pool=False, devices=devices)['bn_stats']
   stats = steps.unreplicate(fn(steps.replicate(state, devices), batch))
   _, inter = model.apply(variables, to_input(None, batch['image'][0]), capture_intermediates=True)
   conv0 = np.asarray(inter['intermediates']['backbone']['conv0']['__call__'][0])
