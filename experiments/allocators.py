@@ -13,7 +13,8 @@ channels_last, `torch.optim.SGD`, the same batch) fare in the same conditions?
 Allocator configs (`--configs`):
   glibc          the environment as started (GLIBC_TUNABLES and LD_PRELOAD inherited
                  from this shell are dropped for every config, so this is glibc's default)
-  mallopt        the worker calls `tljax.cpu_backend.allocator.tune_host_allocator()`
+  mallopt        the worker calls glibc's `mallopt` first (`_mallopt`: one arena, 1 GiB mmap
+                 threshold, no trimming), what a notebook could do in-process
                  first thing: the in-process one-liner a notebook can use
   tunables       GLIBC_TUNABLES = `allocator.TUNABLES`, no preload
   tunables+shim  `allocator.allocator_environ()`: the tunables and the repo's huge-block
@@ -40,6 +41,7 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import platform
@@ -239,6 +241,24 @@ def _torch_step(spec: dict):
   return step, lambda _: None, {'torch_threads': torch.get_num_threads()}
 
 
+# glibc <malloc.h> parameter numbers and the in-process settings the 'mallopt' config tries.
+MALLOPT = {-8: 1,             # M_ARENA_MAX
+           -3: 1 << 30,       # M_MMAP_THRESHOLD (an int: at most 2 GiB - 1)
+           -1: (1 << 31) - 1,  # M_TRIM_THRESHOLD
+           -2: 64 << 20}      # M_TOP_PAD
+
+
+def _mallopt() -> bool:
+  """Applies `MALLOPT` with glibc's mallopt; True if every call succeeded."""
+  import ctypes  # noqa: PLC0415
+  try:
+    mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  return all(mallopt(param, value) == 1 for param, value in MALLOPT.items())
+
+
 def run_worker(spec: dict) -> dict:
   """One (config, framework, model) in this process; started by `launch`."""
   cpus = _pin(spec['threads'])
@@ -246,7 +266,7 @@ def run_worker(spec: dict) -> dict:
   from tljax.cpu_backend import allocator
   mallopt_applied = None
   if spec['config'] == 'mallopt':  # before JAX or torch allocate anything big
-    mallopt_applied = allocator.tune_host_allocator()
+    mallopt_applied = _mallopt()
   build = _tljax_step if spec['framework'] == 'tljax' else _torch_step
   step, sync, info = build(spec)
   result = {'timing': _timed(step, sync, spec), 'cpus': cpus, **info}
@@ -271,7 +291,7 @@ def config_environ(name: str, base: dict[str, str]) -> tuple[dict[str, str] | No
                                   and platform.libc_ver()[0] == 'glibc'):
       return None, 'mallopt needs glibc on Linux'
     return dict(base), ('environment as started' if name == 'glibc'
-                        else 'tune_host_allocator() first thing in the worker')
+                        else 'mallopt (MALLOPT) first thing in the worker')
   if name == 'tunables':
     env = allocator.allocator_environ(dict(base, TLJAX_HOST_BLOCK_CACHE='0'))
     if not allocator.tunables_active(env):

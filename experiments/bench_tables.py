@@ -138,7 +138,8 @@ def meta_lines(meta: dict) -> list[str]:
               if meta.get('rounds', 1) > 1 else '')
            + '; malloc tuning: '
            f'{"on" if meta.get("malloc_tuned") else "off"}'
-           + (' (with the huge-block cache, every framework)' if meta.get('host_block_cache') else '')
+           + (' (tcmalloc, every framework)' if meta.get('host_allocator') == 'tcmalloc' else
+              ' (with the huge-block cache, every framework)' if meta.get('host_block_cache') else '')
            + '; '
            + (f'C++ CPU kernels: {meta["native_kernels"]}; ' if meta.get('native_kernels') and
               not meta.get('gpu') else '')

@@ -69,9 +69,9 @@ def parse_args(argv=None):
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: CPUs this process may use, as XLA does)')
   p.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
-                 help='glibc malloc tunables and the huge-block cache '
-                      '(tljax.cpu_backend.allocator) in every worker\'s environment, so every '
-                      'framework gets them')
+                 help='every worker starts on the allocator tljax.main picks on CPU (tcmalloc, '
+                      'else glibc tunables and the huge-block cache; '
+                      'tljax.cpu_backend.allocator), so every framework gets it')
   p.add_argument('--smoke', action='store_true', help='tiny settings: checks every code path')
   p.add_argument('--timeout', type=int, default=3600, help='seconds per worker process')
   p.add_argument('--budget_s', type=float, default=None,
@@ -156,8 +156,8 @@ def launch(spec: dict, timeout: float) -> dict:
   if not spec['gpu']:
     env['JAX_PLATFORMS'] = 'cpu'
   if spec['malloc'] == 'tuned':
-    from tljax.cpu_backend.allocator import allocator_environ
-    env = allocator_environ(env)
+    from tljax.cpu_backend.allocator import process_environ
+    env = process_environ(env)
   cmd = [sys.executable, '-m', 'experiments.benchmark', '--worker', json.dumps(spec)]
   where = f' round {spec["round"] + 1}' if spec.get('round') else ''
   print(f'[{spec["kind"]}] {spec.get("model", "")} {spec["dtype"]}{where}', flush=True)
@@ -220,6 +220,7 @@ def metadata(args, argv) -> dict:
           'python': platform.python_version(), 'versions': versions, 'batch': args.batch,
           'iters': args.iters, 'warmup': args.warmup, 'rounds': args.rounds,
           'malloc_tuned': args.malloc == 'tuned', 'host_block_cache': _block_cache(args),
+          'host_allocator': _host_allocator(args),
           'gpu': args.gpu, 'peak_tflops': args.peak_tflops, 'git': git, 'smoke': args.smoke,
           'native_kernels': _native_kernels(),
           'command': 'python -m experiments.benchmark ' + ' '.join(shlex.quote(a) for a in argv)}
@@ -236,8 +237,16 @@ def _block_cache(args) -> bool:
   """Whether every worker runs with tljax's huge-block cache preloaded (part of --malloc=tuned)."""
   if args.malloc != 'tuned':
     return False
-  from tljax.cpu_backend.allocator import allocator_environ
-  return 'tljax_hostalloc_' in allocator_environ().get('LD_PRELOAD', '')
+  from tljax.cpu_backend.allocator import process_environ
+  return 'tljax_hostalloc_' in process_environ().get('LD_PRELOAD', '')
+
+
+def _host_allocator(args) -> str | None:
+  """'tcmalloc' or 'glibc': what --malloc=tuned gives every worker (as `tljax.main` would)."""
+  if args.malloc != 'tuned':
+    return None
+  from tljax.cpu_backend.allocator import malloc_choice
+  return malloc_choice()
 
 
 def _native_kernels() -> str:

@@ -57,7 +57,7 @@ _RESTART = textwrap.dedent('''
     from tljax.cpu_backend import allocator
     print('run', os.getpid(), allocator.tunables_active(), sys.argv[1:], flush=True)
     allocator.restart_with_tuned_allocator()
-    print('after', allocator.tune_host_allocator(), flush=True)
+    print('after', allocator.tunables_active(), flush=True)
 ''')
 
 
@@ -65,7 +65,7 @@ _RESTART = textwrap.dedent('''
 def test_restart_runs_the_same_process_once_with_the_tunables(tmp_path):
   script = tmp_path / 'child.py'
   script.write_text(_RESTART)
-  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS='cpu', TLJAX_MALLOC='glibc')
   env.pop('GLIBC_TUNABLES', None)
   env.pop('TLJAX_OPS', None)
   out = subprocess.run([sys.executable, str(script), '--flag=1'], env=env, capture_output=True,

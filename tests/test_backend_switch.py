@@ -29,12 +29,13 @@ glibc_only = pytest.mark.skipif(not GLIBC, reason='glibc tunables')
 
 # Nothing the caller's shell may have set that decides the outcome.
 _CLEAN = ('GLIBC_TUNABLES', 'LD_PRELOAD', 'TLJAX_OPS', 'TLJAX_HOST_BLOCK_CACHE', 'JAX_PLATFORMS',
-          'JAX_PLATFORM_NAME')
+          'JAX_PLATFORM_NAME', 'TLJAX_MALLOC')
 
 
 def _env(**values) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k not in _CLEAN}
   env['TLJAX_HOST_BLOCK_CACHE'] = '0'    # no compiler run for the pure decisions below
+  env['TLJAX_MALLOC'] = 'glibc'          # the path every machine has; tcmalloc is tested below
   env.update(values)
   return env
 
@@ -130,8 +131,33 @@ def test_main_does_not_restart_with_the_backend_off(monkeypatch, execve):
 
 
 @glibc_only
+@pytest.mark.parametrize('choice', ['', 'glibc', 'tcmalloc'])
+def test_glibc_settings_by_default_tcmalloc_on_request(monkeypatch, choice):
+  monkeypatch.setattr(allocator, 'accelerator_plugins', lambda: [])
+  library = '/usr/lib/libtcmalloc_minimal.so.4'
+  monkeypatch.setattr(allocator, 'tcmalloc_library', lambda: library)
+  env = allocator.restart_environ(_env(JAX_PLATFORMS='cpu', TLJAX_MALLOC=choice,
+                                       LD_PRELOAD='/opt/user.so'))
+  if choice == 'tcmalloc':
+    assert env['LD_PRELOAD'] == f'{library}:/opt/user.so'
+    assert not allocator.tunables_active(env)
+  else:
+    assert allocator.tunables_active(env) and env['LD_PRELOAD'] == '/opt/user.so'
+  assert allocator.restart_environ(env) is None, 'applied once, never again'
+
+
+def test_bad_or_unmet_malloc_choice_is_an_error_naming_it(monkeypatch):
+  with pytest.raises(ValueError, match='TLJAX_MALLOC'):
+    allocator.malloc_choice({'TLJAX_MALLOC': 'auto'})
+  monkeypatch.setattr(allocator, 'tcmalloc_library', lambda: None)
+  with pytest.raises(ValueError, match='libtcmalloc-minimal4'):
+    allocator.malloc_choice({'TLJAX_MALLOC': 'tcmalloc'})
+
+
+@glibc_only
 def test_main_restarts_a_cpu_run_once_with_the_tunables(monkeypatch, execve):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('TLJAX_MALLOC', 'glibc')
   _restart_tuned()
   (path, argv, env), = execve
   assert path == sys.executable and argv[0] == sys.executable
@@ -195,6 +221,6 @@ def test_tiny_run_restarts_only_with_the_cpu_backend(tmp_path):
   assert starts == (['False', 'True'] if GLIBC else ['False']), starts
   assert len(lines) == 1, lines
   if GLIBC:
-    assert 'glibc malloc tunables' in lines[0], lines[0]
+    assert ('glibc malloc tunables' in lines[0] or 'tcmalloc' in lines[0]), lines[0]
   if native._compiler() is not None:
     assert lines[0].startswith('CPU backend: C++ kernels'), lines[0]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from tljax import ops
-from tljax.cpu_backend.allocator import tune_host_allocator
 
 from tests.conv_checks import assert_close, run_conv
 
@@ -158,7 +157,3 @@ def test_kernel_shape_mismatch_is_explained():
   with pytest.raises(ValueError, match='groups=3'):
     ops.conv2d(x, k, groups=3)
 
-
-def test_tune_host_allocator_is_idempotent():
-  first = tune_host_allocator()
-  assert tune_host_allocator() == first

@@ -48,10 +48,11 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with -
                     'default: JAX_COORDINATOR_ADDRESS or cluster auto-detection.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (with --distributed).')
-flags.DEFINE_bool('tune_malloc', True, 'CPU runs only: keep freed host memory in the process '
-                  '(glibc tunables and a huge-block cache; restarts the process once to apply '
-                  'them) so steps stop paying page faults; see tljax.cpu_backend.allocator. '
-                  'GPU/TPU runs and TLJAX_OPS=xla are never restarted.')
+flags.DEFINE_bool('tune_malloc', True, 'CPU runs only: restart the process once on an allocator '
+                  'that keeps freed memory (tcmalloc where installed, else glibc tunables and a '
+                  'huge-block cache; TLJAX_MALLOC chooses) so steps stop paying page faults; see '
+                  'tljax.cpu_backend.allocator. GPU/TPU runs and TLJAX_OPS=xla are never '
+                  'restarted.')
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -117,6 +118,14 @@ def main(argv: list[str]) -> None:
     validate(config)
   except OSError:   # ml_collections defers a missing config file's error to first use
     _usage(_config_file_error(sys.argv))
+  except ValueError as e:
+    _usage(str(e))
+  from tljax import ops
+  try:
+    ops.requested()
+    if FLAGS.tune_malloc:
+      from tljax.cpu_backend import allocator
+      allocator.malloc_choice()
   except ValueError as e:
     _usage(str(e))
   if FLAGS.tune_malloc:

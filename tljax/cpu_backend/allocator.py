@@ -1,39 +1,34 @@
-"""glibc malloc settings that stop CPU runs from paying page faults on every step.
+"""Host memory for CPU training: why a step pays page faults, and what stops it.
 
-XLA:CPU (and torch on CPU) allocate each step's activations afresh. With
-glibc's defaults a block above the mmap threshold (≤ 32 MiB), and any block
-that does not fit a thread's 64 MiB secondary arena, is mmap'ed and unmapped
-again on every call, so each step touches fresh pages and the kernel zeroes
-them: on our 2-core VM adding two 58 MB arrays took 49 ms instead of 4.8 ms,
-and a depthwise-conv kernel gradient 148 ms instead of 19 ms. One arena with
-a high mmap threshold and no trimming keeps freed memory in the process for
-the next step. The cost is that peak memory is never handed back to the OS,
-which is what a training process wants anyway.
+XLA:CPU allocates each execution's temporaries as one block (about 1.8 GB
+for an EfficientNet-Lite0 fine-tuning step at batch 32, 224 px). That is far
+above glibc's mmap threshold (at most 32 MiB by default), so every step maps
+a fresh block and the kernel zeroes it page by page: 452k minor faults per
+step in `experiments/results/issue15_2core/allocators_c5df9fc.json` ('glibc').
+Raising the threshold in-process with `mallopt` did not help there (it is an
+`int`, and the block lands in a heap whose hole the next step does not reuse):
+the 'mallopt' row is slower than glibc's defaults.
 
-`mallopt` takes an `int`, so it cannot raise the mmap threshold past 2 GiB,
-and XLA:CPU asks for a whole step's temporaries in one block: 3.4 GB for a
-MobileNetV2 fine-tuning step at batch 32, mmap'ed and zeroed afresh every
-step (850k page faults, 2.0 s instead of 1.25 s). glibc's tunables take
-64-bit sizes but are read only at process start, so entry points that run
-many steps (`tljax.main`, the benchmark's workers) start (or re-execute)
-their process with `allocator_environ()`; `tune_host_allocator()` is the
-in-process fallback for library users.
+glibc's tunables, read only at process start, keep such blocks in one heap
+with no trimming (`TUNABLES`; 715 faults per step), and the huge-block cache
+(`csrc/hostalloc.c`, preloaded, built like the C++ kernels) gives blocks of
+64 MiB and more their own mappings kept for the next request, so the heap
+cannot grow by a whole block when a runtime thread frees it late. Of the
+maintained allocators, jemalloc and mimalloc at their defaults fault like
+glibc; tcmalloc runs the step as fast but held 4.2 GB peak against the
+cache's 2.5 GB in three of four runs, with faults that varied from 0 to 181k
+per step; so the cache stays the default and TLJAX_MALLOC=tcmalloc is the
+opt-in alternative.
 
-Inside the heap, that one block is reused only while nothing else lands in
-the hole it leaves, and the runtime thread that frees a step's block can lose
-the race against the next step's request: the heap then grows by the whole
-block (MobileNetV2: 4.4 → 9.5 GB of RSS over 100 steps, 3.4 s for each step
-that grew it). So `allocator_environ()` also preloads `csrc/hostalloc.c`
-(built like the C++ kernels), which gives blocks of 64 MiB and more their own
-mappings and keeps them for the next request; `TLJAX_HOST_BLOCK_CACHE=0`
-leaves it out.
-
-This changes process-wide state, so it is opt-in.
+Only CPU runs are touched: `tljax.main` restarts itself once under
+`process_environ()` when JAX will run on CPU with the CPU backend on
+(`restart_environ`), never on GPU/TPU hosts. Any other long-running process
+(a notebook kernel) starts the same way with
+`python -m tljax.cpu_backend.allocator jupyter lab`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
 import importlib.metadata
 import importlib.util
@@ -44,22 +39,7 @@ import sys
 import warnings
 from typing import Mapping
 
-# mallopt parameter numbers from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-_SETTINGS = {
-    _M_ARENA_MAX: 1,
-    _M_MMAP_THRESHOLD: 1 << 30,
-    _M_TRIM_THRESHOLD: (1 << 31) - 1,
-    _M_TOP_PAD: 64 << 20,
-}
-
-_state = {'tuned': False}
-
-# The same settings as glibc tunables (64-bit sizes); see `allocator_environ`.
+# glibc malloc tunables (read at process start; 64-bit sizes); see `allocator_environ`.
 TUNABLES = {
     'glibc.malloc.arena_max': 1,
     'glibc.malloc.mmap_threshold': 64 << 30,
@@ -111,6 +91,63 @@ def allocator_environ(environ: Mapping[str, str] | None = None) -> dict[str, str
   if cache and cache not in preload:
     env['LD_PRELOAD'] = ':'.join([cache, *preload])
   return env
+
+
+TCMALLOC_NAMES = ('tcmalloc_minimal', 'tcmalloc')
+MALLOC_CHOICES = ('glibc', 'tcmalloc')
+
+
+def tcmalloc_library() -> str | None:
+  """gperftools' tcmalloc as the system has it (Debian/Ubuntu: libtcmalloc-minimal4), or None."""
+  for name in TCMALLOC_NAMES:
+    found = ctypes.util.find_library(name)
+    if found:
+      for folder in ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64',
+                     '/usr/lib', '/usr/local/lib'):
+        if os.path.exists(os.path.join(folder, found)):
+          return os.path.join(folder, found)
+      return found
+  return None
+
+
+def malloc_choice(environ: Mapping[str, str] | None = None) -> str:
+  """'glibc' (default: tunables and the huge-block cache) or 'tcmalloc' (TLJAX_MALLOC=tcmalloc:
+  the system's tcmalloc preloaded instead; same speed, more peak memory, see the module doc)."""
+  env = os.environ if environ is None else environ
+  value = env.get('TLJAX_MALLOC', 'glibc').strip().lower() or 'glibc'
+  if value not in MALLOC_CHOICES:
+    raise ValueError(f'TLJAX_MALLOC={value!r}: use glibc (tunables and the huge-block cache, '
+                     'the default) or tcmalloc (the system\'s libtcmalloc preloaded).')
+  if value == 'tcmalloc' and not tcmalloc_library():
+    raise ValueError('TLJAX_MALLOC=tcmalloc but no libtcmalloc was found; install it '
+                     '(apt install libtcmalloc-minimal4) or leave TLJAX_MALLOC unset.')
+  return value
+
+
+def process_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+  """`environ` with the host allocator a CPU training process should start under:
+  `allocator_environ`'s glibc settings and cache, or tcmalloc (`malloc_choice`)."""
+  env = dict(os.environ if environ is None else environ)
+  if malloc_choice(env) == 'glibc':
+    return allocator_environ(env)
+  library = tcmalloc_library()
+  preload = [p for p in env.get('LD_PRELOAD', '').replace(' ', ':').split(':') if p]
+  if library not in preload:
+    env['LD_PRELOAD'] = ':'.join([library, *preload])
+  return env
+
+
+def _preloaded(library: str, environ: Mapping[str, str]) -> bool:
+  return library in environ.get('LD_PRELOAD', '').replace(' ', ':').split(':')
+
+
+def tcmalloc_active() -> bool:
+  """True if this process runs on a preloaded tcmalloc."""
+  try:
+    with open('/proc/self/maps') as f:
+      return any('libtcmalloc' in line for line in f)
+  except OSError:
+    return False
 
 
 def block_cache_active() -> bool:
@@ -166,10 +203,12 @@ def restart_environ(environ: Mapping[str, str] | None = None) -> dict[str, str] 
   """
   from tljax import ops  # noqa: PLC0415
   env = os.environ if environ is None else environ
-  if (ops.requested(env) == 'xla' or not runs_on_cpu(env) or not _is_glibc_linux()
-      or tunables_active(env)):
+  if ops.requested(env) == 'xla' or not runs_on_cpu(env) or not _is_glibc_linux():
     return None
-  return allocator_environ(env)
+  library = tcmalloc_library()
+  if tunables_active(env) or (library and _preloaded(library, env)):
+    return None   # already restarted (or started that way)
+  return process_environ(env)
 
 
 def restart_with_tuned_allocator() -> bool:
@@ -193,31 +232,35 @@ def describe() -> str:
   """One line: what this process runs with on the host (for the run's log)."""
   from tljax.cpu_backend import native  # noqa: PLC0415
   kernels = 'C++ kernels' if native.available() else 'pure-JAX kernels (no C++ build)'
-  if tunables_active():
+  keep = '; --notune_malloc leaves the process as started'
+  if tcmalloc_active():
+    memory = 'tcmalloc (LD_PRELOAD)' + keep
+  elif tunables_active():
     cache = ' + huge-block cache (LD_PRELOAD)' if block_cache_active() else ''
-    memory = f'glibc malloc tunables{cache}; --notune_malloc leaves the process as started'
+    memory = f'glibc malloc tunables{cache}' + keep
   else:
     memory = 'malloc as started'
   return f'CPU backend: {kernels}; {memory}'
 
 
-def tune_host_allocator() -> bool:
-  """Applies the settings above; True if they are in effect (glibc on Linux), else False.
+def main(argv: list[str]) -> None:
+  """`python -m tljax.cpu_backend.allocator COMMAND...`: COMMAND under `process_environ()`.
 
-  Call before the first large allocation (before building models): threads
-  that already own an arena keep it. Calling again is harmless.
+  For processes that run many CPU steps without `tljax.main` (a Jupyter
+  kernel, a script): glibc reads its tunables only at start-up.
   """
-  if _state['tuned'] or tunables_active():
-    return True   # the start-up tunables are stronger (mallopt would lower their thresholds)
-  if not _is_glibc_linux():
-    return False
+  if not argv:
+    sys.exit('usage: python -m tljax.cpu_backend.allocator COMMAND [ARGS...]  '
+             '(e.g. jupyter lab, or python train.py)')
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  mallopt.restype = ctypes.c_int
-  _state['tuned'] = all(mallopt(param, value) == 1 for param, value in _SETTINGS.items())
-  return _state['tuned']
+    environ = process_environ()
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  try:
+    os.execvpe(argv[0], argv, environ)
+  except OSError as e:
+    sys.exit(f'error: cannot run {argv[0]!r}: {e.strerror}')
 
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
