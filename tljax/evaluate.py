@@ -26,7 +26,7 @@ def collect(p_eval: Callable, state, batches: Iterable[Mapping[str, np.ndarray]]
   for batch in batches:
     inputs = {k: v for k, v in batch.items() if k in ('image', 'feature', 'label')}
     pending.append((p_eval(state, inputs), np.asarray(batch['label']), np.asarray(batch['mask'])))
-  keys = ('pred', 'top5', 'loss')
+  keys = ('pred', 'top5', 'loss', 'confidence')
   if not pending:
     return {k: np.zeros(0) for k in keys + ('label',)}
   local = {k: np.stack([np.asarray(jax.device_get(out[k])) for out, _, _ in pending])
@@ -48,27 +48,78 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
   return m
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+  """Gap between confidence and accuracy, weighted by how many examples sit at each confidence.
+
+  `bins` equal-width bins over [0, 1]; bin i holds confidences in
+  [i/bins, (i+1)/bins), and a confidence of exactly 1 joins the last bin.
+  ECE = sum over bins of (count / n) * |accuracy - mean confidence|
+  (Guo et al. 2017); 0 for no examples.
+  """
+  confidence = np.asarray(confidence, np.float64).reshape(-1)
+  correct = np.asarray(correct, np.float64).reshape(-1)
+  n = len(confidence)
+  if not n:
+    return 0.0
+  index = np.clip(np.floor(confidence * bins).astype(np.int64), 0, bins - 1)
+  # Per bin, count * |acc - conf| = |sum(correct - confidence)|.
+  gap = np.bincount(index, weights=correct - confidence, minlength=bins)
+  return float(np.abs(gap).sum() / n)
+
+
 def metrics(outputs: Mapping[str, np.ndarray], class_names: Sequence[str]) -> dict[str, Any]:
-  """accuracy, top-5 (top-min(5, classes)), mean loss, per-class accuracy, confusion matrix."""
+  """accuracy, top-5 (top-min(5, classes)), mean loss, per-class accuracy, confusion matrix,
+  and what a sweep compares besides accuracy on imbalanced or few-shot splits:
+
+  - balanced_accuracy: mean per-class recall over the classes that have examples here
+    (a class absent from the split has no recall to average);
+  - ece: expected calibration error over `ECE_BINS` equal-width confidence bins;
+  - precision / recall / f1: per class, in class order (sklearn, 0 where undefined);
+  - macro_f1: mean f1 over the same classes as balanced_accuracy.
+
+  No examples give 0.0 for every rate and None for per-class accuracy and top-5.
+  """
   labels, preds = outputs['label'], outputs['pred']
   n = len(labels)
-  conf = confusion_matrix(labels, preds, len(class_names))
+  num_classes = len(class_names)
+  conf = confusion_matrix(labels, preds, num_classes)
   support = conf.sum(1)
   per_class = [float(conf[i, i] / support[i]) if support[i] else None for i in range(len(support))]
+  present = support > 0
+  if n:
+    from sklearn.metrics import precision_recall_fscore_support
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, preds, labels=list(range(num_classes)), zero_division=0)
+  else:
+    precision = recall = f1 = np.zeros(num_classes)
   return {
       'count': int(n),
       'accuracy': float((labels == preds).mean()) if n else 0.0,
       # With <= 5 classes top-5 is trivially 100%; None says "not informative" instead.
       'top5': float(np.mean(outputs['top5'])) if n and len(class_names) > 5 else None,
       'loss': float(np.mean(outputs['loss'])) if n else 0.0,
+      'balanced_accuracy': float(np.mean(recall[present])) if present.any() else 0.0,
+      'ece': expected_calibration_error(outputs['confidence'], labels == preds),
+      'macro_f1': float(np.mean(f1[present])) if present.any() else 0.0,
       'per_class': per_class,
+      'precision': [float(x) for x in precision],
+      'recall': [float(x) for x in recall],
+      'f1': [float(x) for x in f1],
       'confusion': conf.tolist(),
       'class_names': list(class_names),
   }
 
 
+SCALARS = ('accuracy', 'top5', 'loss', 'balanced_accuracy', 'ece', 'macro_f1')
+
+
 def scalars(m: Mapping[str, Any]) -> dict[str, float]:
-  return {k: m[k] for k in ('accuracy', 'top5', 'loss') if m.get(k) is not None}
+  """The one-number metrics that go to metrics.jsonl and TensorBoard."""
+  return {k: m[k] for k in SCALARS if m.get(k) is not None}
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -107,6 +158,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   top5 = f'top-5 {100 * result["top5"]:.2f}%  ' if result['top5'] is not None else ''
   print(f'{split} ({config.eval.checkpoint} checkpoint, step {meta.get("step")}): '
         f'accuracy {100 * result["accuracy"]:.2f}%  {top5}loss {result["loss"]:.4f}  '
+        f'balanced accuracy {100 * result["balanced_accuracy"]:.2f}%  '
+        f'macro-F1 {100 * result["macro_f1"]:.2f}%  ECE {100 * result["ece"]:.2f}%  '
         f'({result["count"]} examples)')
   return result
 

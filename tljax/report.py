@@ -202,24 +202,59 @@ def _pct(x) -> str:
   return '—' if x is None else f'{100 * x:.2f}%'
 
 
+_SPLIT_COLUMNS = (('acc', 'accuracy'), ('balanced acc', 'balanced_accuracy'),
+                  ('macro-F1', 'macro_f1'), ('ECE', 'ece'), ('top-5', 'top5'))
+
+
+def _phase_rows(phase: Mapping[str, Any]) -> list[str]:
+  """One row per evaluated split; the phase's own cells only on its first row."""
+  splits = [s for s in ('val', 'test') if phase.get(s)] or [None]
+  rows = []
+  for i, split in enumerate(splits):
+    m = phase.get(split) or {}
+    lead = (f'{phase["name"]} | {phase["trainable"]} | {phase["epochs"]}' if i == 0
+            else ' |  | ')
+    cells = ' | '.join(_pct(m.get(key)) for _, key in _SPLIT_COLUMNS)
+    seconds = f'{phase.get("seconds", 0):.1f}' if i == 0 else ''
+    rows.append(f'| {lead} | {split or "—"} | {cells} | {seconds} |')
+  return rows
+
+
+def _class_cells(m: Mapping[str, Any], i: int) -> str:
+  """n, precision, recall, F1 of class i; records from before these fields show —."""
+  confusion = m.get('confusion')
+  n = sum(confusion[i]) if confusion else None
+  at = lambda key: (m.get(key) or [None] * (i + 1))[i]
+  # per_class (= recall) is None for a class with no examples, where recall is undefined.
+  return ' | '.join(['—' if n is None else str(n), _pct(at('precision')),
+                     _pct(m['per_class'][i]), _pct(at('f1'))])
+
+
 def summary_markdown(summary: Mapping[str, Any]) -> str:
-  """Per-phase results, per-class accuracy and timing as markdown."""
+  """Per-phase results on each split, per-class precision/recall/F1 and timing as markdown.
+
+  Balanced accuracy, macro-F1 and calibration sit next to accuracy because on
+  an imbalanced or few-shot split accuracy alone can rank runs by how well
+  they predict the largest class.
+  """
   lines = [f'## {summary.get("title", "Run summary")}', '',
-           '| phase | trainable | epochs | val acc | val top-5 | test acc | test top-5 | time (s) |',
-           '|---|---|---:|---:|---:|---:|---:|---:|']
+           '| phase | trainable | epochs | split | '
+           + ' | '.join(name for name, _ in _SPLIT_COLUMNS) + ' | time (s) |',
+           '|---|---|---:|---|' + '---:|' * (len(_SPLIT_COLUMNS) + 1)]
   for p in summary['phases']:
-    val, test = p.get('val') or {}, p.get('test') or {}
-    lines.append(f'| {p["name"]} | {p["trainable"]} | {p["epochs"]} | {_pct(val.get("accuracy"))} | '
-                 f'{_pct(val.get("top5"))} | {_pct(test.get("accuracy"))} | '
-                 f'{_pct(test.get("top5"))} | {p.get("seconds", 0):.1f} |')
+    lines += _phase_rows(p)
+  lines += ['', 'ECE: expected calibration error over 15 equal-width confidence bins '
+            '(lower is better).']
   final = summary.get('final', {})
   splits = [s for s in ('val', 'test') if s in final]
   if splits:
     names = final[splits[0]]['class_names']
-    lines += ['', '| class | ' + ' | '.join(f'{s} acc' for s in splits) + ' |',
-              '|---|' + '---:|' * len(splits)]
+    header = ' | '.join(f'{s} {c}' for s in splits for c in ('n', 'precision', 'recall', 'F1'))
+    lines += ['', '| class | ' + header + ' |', '|---|' + '---:|' * (4 * len(splits))]
     for i, name in enumerate(names):
-      lines.append(f'| {name} | ' + ' | '.join(_pct(final[s]['per_class'][i]) for s in splits) + ' |')
+      lines.append(f'| {name} | ' + ' | '.join(_class_cells(final[s], i) for s in splits) + ' |')
+    lines += ['', 'Recall is per-class accuracy (— for a class with no examples); precision '
+              'and F1 read 0 for a class never predicted.']
   notes = summary.get('notes', [])
   if notes:
     lines += [''] + [f'- {n}' for n in notes]

@@ -209,12 +209,26 @@ def train_chunk(state: TrainState, batches, cache=None, **kw):
   return jax.lax.scan(body, state, dict(batches))
 
 
+def predicted_probability(logits, kind: str):
+  """The probability given to the class `predict_classes` picks, the confidence that
+  calibration (ECE) compares with accuracy.
+
+  A 1-logit sigmoid head predicts class 1 when p = sigmoid(logit) > 1/2, so
+  its confidence is max(p, 1 - p), which is sigmoid(|logit|).
+  """
+  logits = logits.astype(jnp.float32)
+  if kind == 'sigmoid':
+    return jax.nn.sigmoid(jnp.abs(logits[:, 0]))
+  return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+
+
 def eval_step(state: TrainState, batch, *, apply_fn: ApplyFn, loss_kind: str):
   """Per-example outputs; the host masks padding so each example counts once."""
   logits, _ = apply_fn(state.params, state.batch_stats, batch, None, (None, None), False)
   return {'pred': predict_classes(logits, loss_kind),
           'top5': top_k_correct(logits, batch['label'], loss_kind),
           'loss': per_example_loss(logits, batch['label'], loss_kind),
+          'confidence': predicted_probability(logits, loss_kind),
           'logits': logits}
 
 
