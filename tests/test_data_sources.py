@@ -109,3 +109,11 @@ def test_config_validation_messages():
     load_splits(_cfg(), load_size=8, seed=0, geometry='fill')
   splits = load_splits(_cfg(), load_size=8, seed=0, preprocessing=KERAS_TF)
   assert len(splits['train']) == 256
+
+
+def test_few_shot_seed_fixes_the_draw_across_run_seeds():
+  cfg = _cfg(source='lfw', examples_per_class=4, few_shot_seed=3)
+  a = load_splits(cfg, load_size=8, seed=0)
+  b = load_splits(cfg, load_size=8, seed=1)
+  drawn_by_3 = load_splits(_cfg(source='lfw', examples_per_class=4), load_size=8, seed=3)
+  assert a['train'].ids == b['train'].ids == drawn_by_3['train'].ids

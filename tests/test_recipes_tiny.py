@@ -64,7 +64,7 @@ def _module(path):
 
 def tiny_runs() -> list[tuple[str, str, object]]:
   """(recipe file, `:arg` spec, config) for each recipe and each argument value whose tiny
-  config differs from those before it; longest runs (most variants and phases) first."""
+  config differs from those before it; longest runs (most phases) first."""
   runs, seen = [], set()
   for path in CONFIGS:
     module = _module(path)
@@ -76,19 +76,12 @@ def tiny_runs() -> list[tuple[str, str, object]]:
       if key not in seen:
         seen.add(key)
         runs.append((path, spec, cfg))
-  return sorted(runs, key=lambda r: -max(1, len(r[2].variants)) * len(r[2].phases))
+  return sorted(runs, key=lambda r: -len(r[2].phases))
 
 
 def _summaries(cfg, workdir):
   """{summary.json path: the phase names it must list} for a finished run."""
-  names = [p.name for p in cfg.phases]
-  if not cfg.variants:
-    return {os.path.join(workdir, 'summary.json'): names}
-  out = {}
-  for v in cfg.variants:
-    phases = v.phases if 'phases' in v else cfg.phases
-    out[os.path.join(workdir, v.name, 'summary.json')] = [p.name for p in phases]
-  return out
+  return {os.path.join(workdir, 'summary.json'): [p.name for p in cfg.phases]}
 
 
 def _launch(path, spec, workdir, log):

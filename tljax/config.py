@@ -16,9 +16,7 @@ needed.
 
 from __future__ import annotations
 
-import copy
 import math
-import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -86,9 +84,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict(dict(every_steps=10, progress=True, tensorboard=True, plots=True))
   c.eval = ml_collections.ConfigDict(dict(split='val', checkpoint='latest', every_epochs=1))
   c.predict = ml_collections.ConfigDict(dict(images=(), top_k=5))
-  # Each variant: `name` plus any top-level fields that replace the base's; the job runs them in
-  # sequence under workdir/<name> and prints one comparison table.
-  c.variants = ()
   return c
 
 
@@ -97,17 +92,25 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.name = 'efficientnet_lite_tiny' if c.model.name.startswith('efficientnet') else 'simple_cnn_tiny'
   c.model.arch_kw = ml_collections.ConfigDict()
   c.model.head.hidden = tuple(min(h, 16) for h in c.model.head.hidden)
-  c.pretrained.source = 'none'
   c.input_size = 32
   c.load_size = 40
   c.data = default_data_config()
   classes = 2 if c.loss.kind == 'sigmoid' else 3
   c.data.update(dict(source='synthetic', num_classes=classes, num_train=48, num_val=24, num_test=24))
   c.batch_size = 16
-  c.phases = tuple(phase(**{**p.to_dict(), 'epochs': 1}) for p in c.phases)
   c.log.tensorboard = False
   c.log.plots = False
-  c.variants = tuple(_tiny_variant(v) for v in c.variants)
+  return shrink_training(c)
+
+
+def shrink_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The part of `tiny` that an override can undo (new phases, real weights).
+
+  `tljax.sweep` applies it again after a sweep arm's overrides, so a recipe's
+  `:tiny` stays a few-second run whatever phases or weights its arms name.
+  """
+  c.pretrained.source = 'none'
+  c.phases = tuple(phase(**{**p.to_dict(), 'epochs': min(p.epochs, 1)}) for p in c.phases)
   return c
 
 
@@ -156,35 +159,6 @@ def finalize(c: ml_collections.ConfigDict, args: dict[str, Any]) -> ml_collectio
     c = tiny(c)
   c.lock()
   return c
-
-
-def _tiny_variant(v):
-  v = ml_collections.ConfigDict(v.to_dict())
-  if 'pretrained' in v:
-    v.pretrained.source = 'none'
-  if 'phases' in v:
-    v.phases = tuple(phase(**{**p, 'epochs': 1}) for p in v.to_dict()['phases'])
-  return v
-
-
-def apply_variant(config: ml_collections.ConfigDict, variant) -> ml_collections.ConfigDict:
-  """The base config with the variant's fields replacing (recursively) the base's."""
-  cfg = copy.deepcopy(config)
-
-  def merge(dst, src, top):
-    for key in src.keys():
-      if top and key == 'name':
-        continue
-      value = src[key]
-      if isinstance(value, ml_collections.ConfigDict) and isinstance(dst[key], ml_collections.ConfigDict):
-        merge(dst[key], value, False)
-      else:
-        dst[key] = copy.deepcopy(value)
-
-  with cfg.unlocked():
-    merge(cfg, variant, True)
-    cfg.variants = ()
-  return cfg
 
 
 def _fail(field: str, value, expected: str):
@@ -242,12 +216,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('eval.split', c.eval.split, ('train', 'val', 'test'))
   validate_data_config(c.data)
   validate_augment_config(c.augment)
-  for v in c.variants:
-    if 'name' not in v or not re.fullmatch(r'[A-Za-z0-9_.-]+', v.name):
-      _fail('variants', v, 'each variant needs a file-name-safe `name`')
-    unknown = set(v.keys()) - set(c.keys()) - {'name'}
-    if unknown:
-      _fail(f'variants[{v.name}]', sorted(unknown), 'variants may only set top-level config fields')
 
 
 def _validate_phase(where: str, p) -> None:

@@ -268,23 +268,3 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
   with open(os.path.join(workdir, SUMMARY_JSON), 'w') as f:
     f.write(dumps(dict(summary), indent=2))
   return text
-
-
-def comparison_markdown(workdir: str, variants: Sequence[str]) -> str:
-  """One row per (variant, phase) read back from each variant's summary.json."""
-  lines = ['| run | val acc | val top-5 | test acc | time (s) |', '|---|---:|---:|---:|---:|']
-  for name in variants:
-    with open(os.path.join(workdir, name, SUMMARY_JSON)) as f:
-      summary = json.load(f)
-    phases = summary['phases']
-    elapsed = 0.0
-    for p in phases:
-      elapsed += p.get('seconds', 0.0)
-      label = name if len(phases) == 1 else f'{name}: {p["name"]}'
-      val, test = p.get('val') or {}, p.get('test') or {}
-      lines.append(f'| {label} | {_pct(val.get("accuracy"))} | {_pct(val.get("top5"))} | '
-                   f'{_pct(test.get("accuracy"))} | {elapsed:.1f} |')
-  text = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
-    f.write(text)
-  return text

@@ -29,7 +29,7 @@ from absl import logging
 from tljax import components, evaluate, feature_cache, optim, report, steps, workdir_lock
 from tljax.checkpoint import Checkpointer
 from tljax.preemption import Preempted, Preemption
-from tljax.config import apply_variant, validate
+from tljax.config import validate
 from tljax.steps import TrainState
 
 
@@ -39,27 +39,11 @@ class Diverged(Exception):
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains every phase (or every variant) and returns the run summary."""
+  """Trains every phase and returns the run summary."""
   validate(config)
-  if config.variants:
-    return run_variants(config, workdir)
   with workdir_lock.acquire(workdir, enabled=jax.process_index() == 0), \
       Preemption() as preemption:
     return _Run(config, workdir, preemption).run()
-
-
-def run_variants(config, workdir: str) -> dict[str, Any]:
-  """Runs each variant under `workdir/<name>`; prints and writes the comparison table."""
-  summaries = {}
-  for variant in config.variants:
-    print(f'=== variant {variant.name} ===', flush=True)
-    summaries[variant.name] = train_and_evaluate(apply_variant(config, variant),
-                                                 os.path.join(workdir, variant.name))
-  if jax.process_index() != 0:   # summaries are process 0's files
-    return {'variants': summaries, 'table': ''}
-  table = report.comparison_markdown(workdir, [v.name for v in config.variants])
-  print('\n' + table, flush=True)
-  return {'variants': summaries, 'table': table}
 
 
 @dataclasses.dataclass

@@ -35,6 +35,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_per_class=0,           # 0 = all; first N valid files per class in sorted order
       examples_per_class=0,      # few-shot: N train examples per class, drawn by seed
       train_fraction=1.0,        # few-shot: stratified fraction of train, drawn by seed
+      few_shot_seed=-1,          # -1: the draw follows the run seed; >= 0 fixes it across seeds
       cache_budget_mb=4096.0,    # decoded uint8 cache limit; above it, stream with tf.data
       num_classes=4,             # synthetic
       num_train=256,             # synthetic
@@ -93,6 +94,8 @@ def validate_data_config(cfg) -> None:
   for field in ('max_per_class', 'examples_per_class', 'num_test', 'decode_threads'):
     if cfg[field] < 0:
       _fail(field, cfg[field], 'expected >= 0 (0 = off/all/default)')
+  if cfg.few_shot_seed < -1:
+    _fail('few_shot_seed', cfg.few_shot_seed, 'expected -1 (follow the run seed) or a seed >= 0')
   if cfg.examples_per_class and cfg.train_fraction < 1.0:
     _fail('examples_per_class', cfg.examples_per_class, 'use it or train_fraction, not both')
   if not isinstance(cfg.follow_symlinks, bool):

@@ -117,7 +117,8 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
   (torchvision: shorter side to `load_size`, centre square) or `'exact'`
   (Keras: squash the whole image), resized with its interpolation; pass
   `preprocessing` (a `Preprocessing`) or `geometry` (then bilinear). `seed`
-  only drives the few-shot subsampling of train; the val/test carve uses
+  only drives the few-shot subsampling of train (unless `data_cfg.few_shot_seed`
+  fixes it, so a sweep can vary the run seed over one draw); the val/test carve uses
   `data_cfg.split_seed` so it stays fixed across seeds. Identical images in
   more than one split are reported in one warning line
   (`duplicates.warn_cross_split`); streamed splits are not checked.
@@ -163,7 +164,8 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
       raise ValueError('examples_per_class/train_fraction need the decoded cache; the train split '
                        'is streamed. Raise data.cache_budget_mb or lower the load size.')
     splits['train'] = few_shot(splits['train'], examples_per_class=cfg.examples_per_class,
-                               train_fraction=cfg.train_fraction, seed=seed)
+                               train_fraction=cfg.train_fraction,
+                               seed=seed if cfg.few_shot_seed < 0 else cfg.few_shot_seed)
   ordered = {k: splits[k] for k in ('train', 'val', 'test') if k in splits}
   warn_cross_split(ordered, _inspect_args(cfg), threads=default_threads(cfg))
   log.info('data (%s, %dpx, %s):\n%s', cfg.source, load_size, geometry, summarize(ordered))
