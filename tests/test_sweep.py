@@ -251,6 +251,14 @@ def _env():
   return env
 
 
+def _alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
 def _export(directory):
   from tljax.porting import weights_io
   variables, _ = weights_io.load_weights(os.path.join(directory, 'export'))
@@ -283,7 +291,7 @@ def test_sweep_end_to_end_failed_arms_then_skip_on_rerun(tmp_path):
   assert '| base | 1 |' in again.stdout
 
 
-def test_a_run_killed_mid_sweep_resumes_bit_identically(tmp_path):
+def test_a_sweep_killed_mid_run_stops_the_run_and_resumes_it_bit_identically(tmp_path):
   config = _write(tmp_path, 'cfg.py', CONFIG_SRC.replace('EPOCHS', '6'))
   sweep = _write(tmp_path, 'sweep.py', "def get_sweep(arg=''):\n  return {'arms': {'a': {}}, "
                  "'seeds': (3,)}\n")
@@ -305,9 +313,12 @@ def test_a_run_killed_mid_sweep_resumes_bit_identically(tmp_path):
   else:
     pytest.fail('the run never reached step 8')
   child = sweep_results.read_status(run_dir)['pid']
-  os.kill(proc.pid, signal.SIGKILL)   # the whole sweep dies: scheduler and run
-  os.kill(child, signal.SIGKILL)
+  os.kill(proc.pid, signal.SIGKILL)   # the sweep dies; its run must not go on as an orphan
   proc.wait()
+  deadline = time.time() + 120
+  while time.time() < deadline and _alive(child):
+    time.sleep(0.1)
+  assert not _alive(child), 'the run outlived its sweep'
   assert sweep_results.read_status(run_dir)['status'] == 'running'
   out = subprocess.run(_sweep_cmd(config, sweep, workdir), cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=600)

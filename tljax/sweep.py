@@ -296,6 +296,16 @@ def _child_command(run: Run) -> list[str]:
   return [sys.executable, '-m', 'tljax.sweep', *args]
 
 
+def _child_setup(cpus) -> None:
+  """In the child before exec: its CPU share, and SIGTERM (save, exit) if the sweep dies,
+  so a killed sweep leaves no orphan training on and a re-run can resume every run."""
+  if cpus:
+    os.sched_setaffinity(0, cpus)
+  if sys.platform.startswith('linux'):
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
 class _Stop(Exception):
   pass
 
@@ -324,7 +334,7 @@ def execute(runs: list[Run], sweep: Sweep, slots: list[dict], base_env: dict) ->
         proc = subprocess.Popen(
             _child_command(run), env=_child_env(slot, base_env), stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=(lambda c=cpus: os.sched_setaffinity(0, c)) if cpus else None)
+            preexec_fn=lambda c=cpus: _child_setup(c))
         running[i] = (run, proc, log, time.time())
         where = f' [gpu {slot["gpu"]}]' if 'gpu' in slot else (f' [cpus {cpus}]' if cpus else '')
         print(f'start  {run.name}{where}', flush=True)
