@@ -384,3 +384,20 @@ def test_the_demo_sweeps_documented_test_mode_runs(tmp_path):
   for row in ('| scratch | 2 |', '| transfer: head_only | 2 |', '| transfer: fine_tuned | 2 |'):
     assert row in out.stdout
   assert '| transfer: fine_tuned | 2 |' in (tmp_path / 'demo' / 'table.md').read_text()
+
+
+def test_a_run_another_process_holds_is_left_alone_not_failed(tmp_path):
+  from tljax import workdir_lock
+  config = _write(tmp_path, 'cfg.py', CONFIG_SRC.replace('EPOCHS', '1'))
+  sweep = _write(tmp_path, 'sweep.py', "def get_sweep(arg=''):\n  return {'arms': {'a': {}}, "
+                 "'seeds': (0,)}\n")
+  workdir = str(tmp_path / 'sw')
+  run_dir = os.path.join(workdir, 'runs', 'a--seed0')
+  os.makedirs(run_dir)
+  with workdir_lock.acquire(run_dir):
+    out = subprocess.run(_sweep_cmd(config, sweep, workdir), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert 'busy   a--seed0' in out.stdout and '1 in use by another process' in out.stdout
+  assert sweep_results.read_status(run_dir)['status'] == 'missing'
+  assert 'is in use by pid' in open(os.path.join(run_dir, 'log.txt')).read()

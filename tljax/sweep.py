@@ -71,6 +71,8 @@ flags.DEFINE_bool('tune_malloc', True, 'CPU: start runs under the tuned host all
                   '(tljax.cpu_backend.allocator), as tljax.main does.')
 flags.DEFINE_string('run', None, 'Internal: train the one run of this name, in this process.')
 
+BUSY = 75   # a run's exit code when another process holds its workdir
+
 SWEEP_KEYS = {'arms', 'grid', 'seeds', 'baseline', 'few_shot_seed', 'per_phase', 'labels'}
 
 
@@ -216,8 +218,14 @@ def run_dir(workdir: str, run: Run) -> str:
 
 def train_one(config_spec: str, sweep: Sweep, run: Run, workdir: str) -> int:
   """Trains one run in this process and records how it ended; the exit code to use."""
-  from tljax import preemption, train
+  from tljax import preemption, train, workdir_lock
   directory = run_dir(workdir, run)
+  try:
+    with workdir_lock.acquire(directory):
+      pass
+  except workdir_lock.WorkdirInUse as e:   # another sweep process trains it: not a failure
+    print(str(e), file=sys.stderr, flush=True)
+    return BUSY
   before = read_status(directory)
   spent = float(before.get('seconds') or 0.0)
   write_status(directory, status='running', attempts=int(before.get('attempts', 0)) + 1,
@@ -313,7 +321,7 @@ class _Stop(Exception):
 def execute(runs: list[Run], sweep: Sweep, slots: list[dict], base_env: dict) -> dict[str, int]:
   """Runs `runs` on `slots`; counts of how they ended. SIGTERM/SIGINT stop the children
   (they save a checkpoint) and then the sweep."""
-  counts = {'done': 0, 'failed': 0, 'interrupted': 0}
+  counts = {'done': 0, 'failed': 0, 'interrupted': 0, 'busy': 0}
   pending, running = list(runs), {}   # slot index -> (run, process, log file, start)
   total = len(runs)
 
@@ -370,6 +378,8 @@ def _record_exit(run: Run, returncode: int) -> str:
     return 'done'
   if returncode == 143:
     return 'interrupted'
+  if returncode == BUSY:
+    return 'busy'
   if status.get('status') != 'failed':   # killed or crashed before it could say so
     write_status(directory, status='failed',
                  error=f'the run process exited with code {returncode}; see {directory}/log.txt')
@@ -462,8 +472,10 @@ def main(argv: list[str]) -> None:
     elapsed = time.time() - start
     trained = counts['done'] + counts['failed'] + counts['interrupted']
     rate = f'; {3600 * counts["done"] / elapsed:.1f} runs/hour' if counts['done'] else ''
+    busy = f'; {counts["busy"]} in use by another process' if counts['busy'] else ''
     print(f'trained {trained} runs in {elapsed:.0f} s ({counts["done"]} done, '
-          f'{counts["failed"]} failed, {counts["interrupted"]} interrupted){rate}', flush=True)
+          f'{counts["failed"]} failed, {counts["interrupted"]} interrupted{busy}){rate}',
+          flush=True)
   text = sweep_results.collect(FLAGS.workdir, sweep, runs, run_dir,
                                title=f'{FLAGS.sweep} on {FLAGS.config}', source=_provenance())
   print('\n' + text, flush=True)
