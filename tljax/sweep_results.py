@@ -252,6 +252,11 @@ def plot(records: Sequence[dict], sweep, workdir: str) -> list[str]:
           high.append(100 * ci.mean + half)
         line, = ax.plot(xs, mean, marker='o', label=label)
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+        for i, v in enumerate(values):
+          key = ((axis, json.dumps(v, sort_keys=True, default=str)),)
+          seeds = data.get((key, label), {}).get(split, {}).get('accuracy', {})
+          ax.plot([i] * len(seeds), [100 * a for a in seeds.values()], '.',
+                  color=line.get_color(), markersize=4)
       ax.set_xticks(range(len(values)), [_label(sweep, axis, v) for v in values])
       ax.set_xlabel(axis)
       name = f'{split}_accuracy_vs_{_short(axis)}.png'
@@ -265,8 +270,12 @@ def plot(records: Sequence[dict], sweep, workdir: str) -> list[str]:
           ci = stats.mean_ci(seeds.values()) if seeds else None
           mean.append(100 * ci.mean if ci else 0.0)
           err.append(100 * ci.half_width if ci and ci.n >= 2 else 0.0)
-        ax.bar([i + j * width for i in range(len(labels))], mean, width, yerr=err, capsize=4,
+        xs = [i + j * width for i in range(len(labels))]
+        ax.bar(xs, mean, width, yerr=err, capsize=4, alpha=0.8,
                label=', '.join(_fmt_grid(key, sweep)) or None)
+        for x, label in zip(xs, labels):   # every seed, so n = 3 is visibly n = 3
+          seeds = data.get((key, label), {}).get(split, {}).get('accuracy', {})
+          ax.plot([x] * len(seeds), [100 * v for v in seeds.values()], 'k.', markersize=5)
       ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(labels))], labels,
                     rotation=15, ha='right')
       name = f'{split}_accuracy.png'
