@@ -185,7 +185,7 @@ def test_table_intervals_and_paired_differences_match_hand_computation(tmp_path)
   # new: mean 0.87, s = 0.026458 -> 0.0657
   assert '| new | 3 | 86.0 ± 6.6 | 87.0 ± 6.6 |' in text
   # differences 0.06, 0.01, 0.08: mean 0.05, s = 0.036056 -> 0.0896
-  assert '| new | 3 | 5.0 ± 9.0 | 5.0 ± 9.0 | 3/0/0 | no |' in text
+  assert '| new | 3 | 5.0 ± 9.0 | 5.0 ± 9.0 | 3/0/0 | no | no |' in text
   records = [json.loads(l) for l in open(tmp_path / 'results.jsonl')]
   assert [r['status'] for r in records] == ['done'] * 6
   assert records[1]['arm'] == 'new' and records[1]['test_accuracy'] == pytest.approx(0.86)
@@ -210,7 +210,7 @@ def test_separated_intervals_are_named_and_failures_listed(tmp_path):
       _fake_run(str(tmp_path), run, val=acc, test=acc)
   text = sweep_results.collect(str(tmp_path), sweep, runs, sweep_lib.run_dir, title='t')
   assert '9 runs: 5 done, 3 failed, 1 missing' in text
-  assert '| far | 2 |' in text and '| yes, higher |' in text
+  assert '| far | 2 |' in text and '| yes, higher | yes, higher |' in text
   assert '- `bad--seed1`: failed — ValueError: nope' in text
   assert '- `far--seed2`: missing' in text
   statuses = [json.loads(l)['status'] for l in open(tmp_path / 'results.jsonl')]
@@ -234,7 +234,9 @@ def test_per_phase_rows_and_a_numeric_grid_axis_plot(tmp_path):
   assert '| transfer: head | all | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 |' in text
   assert '| transfer: head | 2 | 2 | 60.0 ± 0.0 | 62.0 ± 0.0 |' in text
   # ft - scratch per seed: 0.70 - 0.30, 0.71 - 0.40 -> mean 0.355, s = 0.06364, t(1)=12.706
-  assert '| transfer: ft | all | 2 | 40.0 ± 0.0 | 35.5 ± 57.2 | 2/0/0 | no |' in text
+  assert '| transfer: ft | all | 2 | 40.0 ± 0.0 | 35.5 ± 57.2 | 2/0/0 | no | no |' in text
+  # head - scratch at 2 shots, test: 0.62 - 0.30, 0.62 - 0.40 -> mean 0.27, s = 0.0707 -> 63.5
+  assert '| transfer: head | 2 | 2 | 30.0 ± 0.0 | 27.0 ± 63.5 | 2/0/0 | no | no |' in text
   assert (tmp_path / 'test_accuracy_vs_examples_per_class.png').stat().st_size > 1000
 
 
@@ -401,3 +403,17 @@ def test_a_run_another_process_holds_is_left_alone_not_failed(tmp_path):
   assert 'busy   a--seed0' in out.stdout and '1 in use by another process' in out.stdout
   assert sweep_results.read_status(run_dir)['status'] == 'missing'
   assert 'is in use by pid' in open(os.path.join(run_dir, 'log.txt')).read()
+
+
+def test_a_consistent_paired_gain_is_named_although_the_arms_intervals_overlap(tmp_path):
+  sweep = sweep_lib.Sweep(arms={'base': {}, 'new': {}}, grid={}, seeds=(0, 1, 2),
+                          baseline='base')
+  runs = sweep_lib.plan(sweep)
+  base = {0: 0.80, 1: 0.84, 2: 0.82}
+  gain = {0: 0.02, 1: 0.03, 2: 0.025}
+  for run in runs:
+    acc = base[run.seed] + (gain[run.seed] if run.arm == 'new' else 0.0)
+    _fake_run(str(tmp_path), run, val=acc, test=acc)
+  text = sweep_results.collect(str(tmp_path), sweep, runs, sweep_lib.run_dir, title='t')
+  # differences 0.02, 0.03, 0.025: mean 0.025, s = 0.005 -> 4.302653 * 0.005 / sqrt(3) = 0.0124
+  assert '| new | 3 | 2.5 ± 1.2 | 2.5 ± 1.2 | 3/0/0 | yes, higher | no |' in text

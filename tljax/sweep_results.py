@@ -185,17 +185,19 @@ def _paired_section(data: dict, sweep, splits: list[str], grid_cols: list[str]) 
   primary = 'test' if 'test' in splits else 'val'
   lines = [f'## Paired differences against `{base}` (same seeds; accuracy points)', '',
            f'Per seed both finished: row − {base}. W/T/L counts seeds where the row was ahead / '
-           f'equal / behind on {primary}. "separated" marks rows whose own {primary} interval '
-           f'does not overlap {base}\'s (the only case this table ranks them).', '',
+           f'equal / behind on {primary}. "Δ ≠ 0" says whether the paired {primary} interval '
+           f'excludes zero (the seeds share data order and draw, so this is the sharper test); '
+           f'"separated" whether the two rows\' own {primary} intervals do not overlap. Only '
+           f'those rows differ in a way these seeds support.', '',
            '| ' + ' | '.join(['row'] + grid_cols + ['seeds'] + [f'Δ {s} acc' for s in splits]
-                            + [f'W/T/L ({primary})', 'separated']) + ' |',
-           '|' + '---|' * (1 + len(grid_cols)) + '---:|' * (2 + len(splits)) + '---|']
+                            + [f'W/T/L ({primary})', 'Δ ≠ 0', 'separated']) + ' |',
+           '|' + '---|' * (1 + len(grid_cols)) + '---:|' * (2 + len(splits)) + '---|---|']
   rows = 0
   for (key, label), cell in data.items():
     other = data.get((key, base))
     if label == base or other is None:
       continue
-    cols, wtl = [], '—'
+    cols, wtl, nonzero = [], '—', '—'
     common = ()
     for split in splits:
       a = cell.get(split, {}).get('accuracy', {})
@@ -208,12 +210,15 @@ def _paired_section(data: dict, sweep, splits: list[str], grid_cols: list[str]) 
       cols.append(_cell(dict(zip(p.seeds, (a[s] - b[s] for s in p.seeds)))))
       if split == primary:
         wtl = f'{p.wins}/{p.ties}/{p.losses}'
+        d = p.difference
+        nonzero = 'n/a' if d.n < 2 else (
+            ('yes, higher' if d.mean > 0 else 'yes, lower') if d.low > 0 or d.high < 0 else 'no')
     mine = stats.mean_ci(cell.get(primary, {}).get('accuracy', {}).values())
     theirs = stats.mean_ci(other.get(primary, {}).get('accuracy', {}).values())
     sep = ('yes, higher' if mine.mean > theirs.mean else 'yes, lower') if stats.separated(
         mine, theirs) else 'no'
     lines.append('| ' + ' | '.join([label] + _fmt_grid(key, sweep) + [str(len(common))] + cols
-                                   + [wtl, sep]) + ' |')
+                                   + [wtl, nonzero, sep]) + ' |')
     rows += 1
   if not rows:
     lines.append('| (no other row shares seeds with the baseline yet) |')
