@@ -43,6 +43,8 @@ def phase(name: str, **kw) -> ml_collections.ConfigDict:
       end_lr_factor=0.0,     # cosine: final lr = lr * end_lr_factor
       grad_clip=0.0,         # global-norm clip, 0 = off
       bn='frozen',           # tljax.optim.BN_POLICIES; frozen: running statistics, never updated
+      drop_connect='follow_bn',  # tljax.optim.DROP_CONNECT_POLICIES; 'when_trained': on whenever
+                                 # backbone weights train, even with bn='frozen'
       precise_bn=0,          # bn='train': re-estimate BN statistics from N train batches per epoch
       augment=True,          # False: the eval transform (resize + normalise) only
       cache_features=True,   # head-only + frozen BN + deterministic inputs → features computed once
@@ -232,6 +234,7 @@ def _validate_phase(where: str, p) -> None:
   _choice(f'{where}.optimizer', p.optimizer, optim.OPTIMIZERS)
   _choice(f'{where}.schedule', p.schedule, optim.SCHEDULES)
   _choice(f'{where}.bn', p.bn, optim.BN_POLICIES)
+  _choice(f'{where}.drop_connect', p.drop_connect, optim.DROP_CONNECT_POLICIES)
   for field in ('lr', 'momentum', 'b1', 'b2', 'eps', 'rmsprop_decay', 'weight_decay',
                 'warmup_epochs', 'end_lr_factor', 'grad_clip'):
     if not math.isfinite(float(p[field])):

@@ -123,21 +123,26 @@ def batch_images(batch, cache):
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
 
 
-def on_images(model, transform: Callable, *, bn_train: bool = False) -> ApplyFn:
+def on_images(model, transform: Callable, *, bn_train: bool = False,
+              stochastic_backbone: bool = False) -> ApplyFn:
   """The whole model on a batch of uint8 images, after `transform(key, images)`.
 
   `bn_train`: BatchNorm normalises with (and updates from) batch statistics.
+  `stochastic_backbone`: the backbone's drop-connect is on in training steps
+  even where its BatchNorm is frozen (otherwise it follows `bn_train`).
   """
   def apply(params, batch_stats, batch, cache, keys, train):
     input_key, dropout_key = keys
     inputs = transform(input_key, batch_images(batch, cache))
     variables = {'params': params, 'batch_stats': batch_stats}
     rngs = {'dropout': dropout_key} if dropout_key is not None else {}
+    stochastic = train if stochastic_backbone else None
     if bn_train:
       logits, updated = model.apply(variables, inputs, train=train, bn_train=True, rngs=rngs,
-                                    mutable=['batch_stats'])
+                                    stochastic=stochastic, mutable=['batch_stats'])
       return logits, updated.get('batch_stats', batch_stats)
-    return model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs), None
+    return model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs,
+                       stochastic=stochastic), None
   return apply
 
 

@@ -271,8 +271,9 @@ class _Run:
     if cached:
       train_apply = eval_apply = steps.on_features(self.model)
     else:
-      train_apply = steps.on_images(self.model, self._train_transform(phase),
-                                    bn_train=optim.bn_train(phase))
+      train_apply = steps.on_images(
+          self.model, self._train_transform(phase), bn_train=optim.bn_train(phase),
+          stochastic_backbone=optim.stochastic_backbone(phase, param_labels))
       eval_apply = None
     fns = steps.build_steps(train_apply=train_apply, eval_apply=eval_apply, tx=tx,
                             param_labels=param_labels, loss_kind=config.loss.kind,

@@ -119,7 +119,8 @@ class MBConv(nn.Module):
 
   `pad_hw` is the spatial size the depthwise padding is computed for (None:
   the input's own). Drop-connect (stochastic depth) drops the whole residual
-  branch per example and is active only when `train`.
+  branch per example; it is active when `stochastic` (default: `train`, the
+  BatchNorm mode), so fine-tuning with frozen BatchNorm can still regularise.
   """
 
   spec: BlockSpec
@@ -128,7 +129,7 @@ class MBConv(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stochastic: bool | None = None):
     s = self.spec
     bn = lambda name: batch_norm(train, dtype=self.dtype, name=name, **BN)
     y = x
@@ -143,7 +144,8 @@ class MBConv(nn.Module):
     y = bn('bn2')(y)
     if not s.residual:
       return y
-    y = nn.Dropout(self.drop_connect, broadcast_dims=(1, 2, 3), deterministic=not train,
+    active = train if stochastic is None else stochastic
+    y = nn.Dropout(self.drop_connect, broadcast_dims=(1, 2, 3), deterministic=not active,
                    name='drop_connect')(y)
     return y + x
 
@@ -164,7 +166,7 @@ class EfficientNetLite(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stochastic: bool | None = None):
     hw = (self.pad_for_size,) * 2 if self.pad_for_size else None
     bn = lambda name: batch_norm(train, dtype=self.dtype, name=name, **BN)
     x = Conv(self.stem_features, 3, strides=2, padding=_pads(hw or x.shape[1:3], 3, 2),
@@ -173,7 +175,8 @@ class EfficientNetLite(nn.Module):
     hw = _out_size(hw, 2) if hw else None
     for i, spec in enumerate(self.blocks):
       rate = self.drop_connect_rate * i / len(self.blocks)
-      x = MBConv(spec, drop_connect=rate, pad_hw=hw, dtype=self.dtype, name=f'blocks_{i}')(x, train)
+      x = MBConv(spec, drop_connect=rate, pad_hw=hw, dtype=self.dtype,
+                 name=f'blocks_{i}')(x, train, stochastic)
       hw = _out_size(hw, spec.stride) if hw else None
     x = Conv(self.head_features, 1, dtype=self.dtype, name='conv_head')(x)
     return relu6(bn('bn1')(x))

@@ -8,6 +8,8 @@ even inputs, and BatchNorm's default epsilon matches neither torch nor Keras).
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -181,18 +183,27 @@ class Classifier(nn.Module):
   (`params['backbone']` vs `params['head']`). `train` drives dropout;
   `bn_train` (default: `train`) drives BatchNorm and anything else stochastic
   in the backbone, so a frozen backbone can run on running statistics while
-  the head trains with dropout.
+  the head trains with dropout. `stochastic`, where not None, drives the
+  backbone's stochastic layers (drop-connect) apart from its BatchNorm, for
+  backbones that have any; the others ignore it.
   """
 
   backbone: nn.Module
   head: Head
 
-  def __call__(self, x, train: bool = False, bn_train: bool | None = None):
-    return self.head(self.features(x, train=train, bn_train=bn_train), train=train)
+  def __call__(self, x, train: bool = False, bn_train: bool | None = None,
+               stochastic: bool | None = None):
+    return self.head(self.features(x, train=train, bn_train=bn_train, stochastic=stochastic),
+                     train=train)
 
-  def features(self, x, train: bool = False, bn_train: bool | None = None):
+  def features(self, x, train: bool = False, bn_train: bool | None = None,
+               stochastic: bool | None = None):
     """Backbone output (usually a spatial map [N, h, w, C]) before the head."""
-    return self.backbone(x, train=train if bn_train is None else bn_train)
+    kw = {}
+    if stochastic is not None and 'stochastic' in inspect.signature(
+        type(self.backbone).__call__).parameters:
+      kw['stochastic'] = stochastic
+    return self.backbone(x, train=train if bn_train is None else bn_train, **kw)
 
   def apply_head(self, features, train: bool = False):
     return self.head(features, train=train)
