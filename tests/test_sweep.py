@@ -157,7 +157,7 @@ def test_tiny_stays_tiny_when_an_arm_replaces_the_phases_or_weights(tmp_path):
 
 # ---- tables and intervals from hand-written run directories ----
 
-def _fake_run(root, run, status='done', val=None, test=None, phases=None, error=None):
+def _fake_run(root, run, status='done', val=None, test=None, phases=None, error=None, cores=2):
   directory = os.path.join(root, 'runs', run.name)
   os.makedirs(directory, exist_ok=True)
   if status == 'done':
@@ -167,7 +167,7 @@ def _fake_run(root, run, status='done', val=None, test=None, phases=None, error=
     summary['final'] = {k: summary['phases'][-1][k] for k in ('val', 'test')}
     with open(os.path.join(directory, 'summary.json'), 'w') as f:
       json.dump(summary, f)
-  sweep_results.write_status(directory, status=status, seconds=10.0, error=error)
+  sweep_results.write_status(directory, status=status, seconds=10.0, error=error, cores=cores)
 
 
 def test_table_intervals_and_paired_differences_match_hand_computation(tmp_path):
@@ -417,3 +417,15 @@ def test_a_consistent_paired_gain_is_named_although_the_arms_intervals_overlap(t
   text = sweep_results.collect(str(tmp_path), sweep, runs, sweep_lib.run_dir, title='t')
   # differences 0.02, 0.03, 0.025: mean 0.025, s = 0.005 -> 4.302653 * 0.005 / sqrt(3) = 0.0124
   assert '| new | 3 | 2.5 ± 1.2 | 2.5 ± 1.2 | 3/0/0 | yes, higher | no |' in text
+
+
+def test_runs_on_different_core_counts_are_flagged(tmp_path):
+  sweep = sweep_lib.Sweep(arms={'a': {}}, grid={}, seeds=(0, 1), baseline='a')
+  runs = sweep_lib.plan(sweep)
+  _fake_run(str(tmp_path), runs[0], val=0.5, test=0.5, cores=1)
+  _fake_run(str(tmp_path), runs[1], val=0.5, test=0.5, cores=2)
+  text = sweep_results.collect(str(tmp_path), sweep, runs, sweep_lib.run_dir, title='t')
+  assert 'runs had 1 or 2 CPU cores each' in text
+  _fake_run(str(tmp_path), runs[0], val=0.5, test=0.5, cores=2)
+  text = sweep_results.collect(str(tmp_path), sweep, runs, sweep_lib.run_dir, title='t')
+  assert '; 2 CPU cores per run' in text and 'cores each' not in text

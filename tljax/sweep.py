@@ -229,7 +229,8 @@ def train_one(config_spec: str, sweep: Sweep, run: Run, workdir: str) -> int:
   before = read_status(directory)
   spent = float(before.get('seconds') or 0.0)
   write_status(directory, status='running', attempts=int(before.get('attempts', 0)) + 1,
-               pid=os.getpid(), host=os.uname().nodename, code=code_version())
+               pid=os.getpid(), host=os.uname().nodename, code=code_version(),
+               cores=len(os.sched_getaffinity(0)))
   start = time.time()
   try:
     train.train_and_evaluate(build_config(config_spec, sweep, run), directory)

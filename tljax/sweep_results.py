@@ -60,7 +60,8 @@ def run_record(run, directory: str, sweep) -> dict[str, Any]:
   record = {'name': run.name, 'arm': run.arm, 'grid': {p: v for p, v in run.grid},
             'seed': run.seed, 'status': status['status'], 'error': status.get('error'),
             'val_accuracy': None, 'test_accuracy': None, 'seconds': status.get('seconds'),
-            'workdir': directory, 'code': status.get('code'), 'phases': []}
+            'workdir': directory, 'code': status.get('code'), 'cores': status.get('cores'),
+            'phases': []}
   if record['status'] == 'running':
     record.update(status='missing', error=status.get('error') or 'interrupted or still running; '
                   're-running the sweep command resumes it')
@@ -128,9 +129,15 @@ def markdown(records: Sequence[dict], sweep, title: str, source: str = '') -> st
   data = table_data(records, sweep)
   splits = _splits(data)
   counts = {s: sum(r['status'] == s for r in records) for s in ('done', 'failed', 'missing')}
-  code = sorted({str(r.get('code')) for r in records if r['status'] == 'done'})
+  code = sorted({r['code'] for r in records if r['status'] == 'done' and r.get('code')})
   if code:
     source = f'{source}; runs trained at {", ".join(code)}'.lstrip('; ')
+  cores = sorted({r.get('cores') for r in records if r['status'] == 'done' and r.get('cores')})
+  if len(cores) > 1:   # XLA:CPU's reduction order follows its thread count
+    source += (f'; runs had {" or ".join(map(str, cores))} CPU cores each, which changes '
+               'floating-point summation order and so the results: compare like with like')
+  elif cores:
+    source += f'; {cores[0]} CPU core{"s" if cores[0] > 1 else ""} per run'
   lines = [f'# Sweep: {title}', '', *([source, ''] if source else []),
            f'{len(records)} runs: {counts["done"]} done, {counts["failed"]} failed, '
            f'{counts["missing"]} missing. Seeds {", ".join(map(str, sweep.seeds))}'
