@@ -14,7 +14,9 @@ head's learning rate with BatchNorm frozen (`fine_tuned`).
 One run is one seed. `make demo` runs this recipe and the same network
 trained from random init over three seeds each (configs/sweeps/demo.py) and
 reports mean ± 95% CI; its table says which differences the intervals
-support. The studies in configs/sweeps/ vary one choice at a time.
+support. At 4ae465b none was: scratch, head-only and fine-tuned overlap, and
+every paired difference includes zero (experiments/results/issue16/demo/).
+The studies in configs/sweeps/ vary one choice at a time.
 """
 
 from tljax.config import base_config, config_args, finalize, phase

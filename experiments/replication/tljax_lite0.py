@@ -15,6 +15,8 @@ then every layer Adam 1e-4 cosine x 10 epochs with BatchNorm frozen.
 Arguments (`--config=...tljax_lite0.py:key=value,...`), one setting at a time for bisection:
   ft_aug=off|on      fine-tuning phase augmentation (demo: on)
   eps=1e-7|1e-8      Adam eps of both phases (tljax default 1e-7, torch 1e-8)
+  drop_connect=follow_bn|when_trained   the fine-tuning phase's drop-connect policy
+                     (tljax default follow_bn: off under bn='frozen'; torch keeps it on)
 """
 
 import importlib.util
@@ -34,7 +36,8 @@ def _demo():
 
 
 def get_config(arg: str = ''):
-  args = config_args(arg, ft_aug=('off', 'on'), eps=('1e-7', '1e-8'))
+  args = config_args(arg, ft_aug=('off', 'on'), eps=('1e-7', '1e-8'),
+                     drop_connect=('follow_bn', 'when_trained'))
   c = _demo().get_config()
   c.unlock()
   eps = float(args['eps'])
@@ -42,9 +45,9 @@ def get_config(arg: str = ''):
       phase('head_only', epochs=25, trainable='head', optimizer='adam', lr=2e-3, eps=eps,
             augment=False),
       phase('fine_tuned', epochs=10, trainable='all', optimizer='adam', lr=1e-4, eps=eps,
-            bn='frozen', schedule='cosine', augment=args['ft_aug'] == 'on'),
+            bn='frozen', schedule='cosine', augment=args['ft_aug'] == 'on',
+            drop_connect=args['drop_connect']),
   )
-  c.variants = ()
   c.log.plots = False
   c.log.tensorboard = False
   c.log.progress = False
