@@ -373,21 +373,6 @@ def test_every_sweep_file_documents_a_run_and_a_test_mode_whose_runs_all_validat
         assert cfg.model.name.endswith('_tiny') and all(p.epochs <= 1 for p in cfg.phases)
 
 
-@pytest.mark.slow
-def test_the_demo_sweeps_documented_test_mode_runs(tmp_path):
-  flags_ = next(c for c in documented_commands(os.path.join(ROOT, 'configs/sweeps/demo.py'))
-                if any(':tiny' in a for a in c))
-  flags_ = [f'--workdir={tmp_path / "demo"}' if a.startswith('--workdir=') else a for a in flags_]
-  out = subprocess.run([sys.executable, '-m', 'tljax.sweep', *flags_], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  records = [json.loads(l) for l in open(tmp_path / 'demo' / 'results.jsonl')]
-  assert [r['status'] for r in records] == ['done'] * 4
-  for row in ('| scratch | 2 |', '| transfer: head_only | 2 |', '| transfer: fine_tuned | 2 |'):
-    assert row in out.stdout
-  assert '| transfer: fine_tuned | 2 |' in (tmp_path / 'demo' / 'table.md').read_text()
-
-
 def test_a_run_another_process_holds_is_left_alone_not_failed(tmp_path):
   from tljax import workdir_lock
   config = _write(tmp_path, 'cfg.py', CONFIG_SRC.replace('EPOCHS', '1'))
@@ -429,3 +414,19 @@ def test_runs_on_different_core_counts_are_flagged(tmp_path):
   _fake_run(str(tmp_path), runs[0], val=0.5, test=0.5, cores=2)
   text = sweep_results.collect(str(tmp_path), sweep, runs, sweep_lib.run_dir, title='t')
   assert '; 2 CPU cores per run' in text and 'cores each' not in text
+
+
+@pytest.mark.slow
+def test_make_demos_sweep_command_runs_in_test_mode(tmp_path):
+  """The Makefile's own sweep line (shell and all), with the config's :tiny and one seed."""
+  venv = os.path.dirname(os.path.dirname(sys.executable))
+  dry = subprocess.run(['make', '-n', 'demo', f'VENV={venv}', f'WORKDIR={tmp_path}/demo'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+  lines = dry.stdout.replace('\\\n', ' ').splitlines()
+  command = next(l for l in lines if '-m tljax.sweep' in l)
+  assert '--config=configs/default.py ' in command and '--sweep=configs/sweeps/demo.py' in command
+  command = command.replace('--config=configs/default.py ', '--config=configs/default.py:tiny ')
+  out = subprocess.run(['bash', '-c', command + ' --seeds=1'], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert 'trained 2 runs' in out.stdout and '| transfer: fine_tuned | 1 |' in out.stdout
