@@ -27,10 +27,13 @@ trains; the others still run. Running the same command again skips finished
 runs, resumes interrupted ones from their checkpoints (bit-identical, the
 training loop's resume) and leaves failed ones alone unless --retry_failed.
 
-Each run is a child process (`--run=NAME`), so one crash loses one run.
-`--workers=K` runs K at once: on GPUs each takes its own device
-(CUDA_VISIBLE_DEVICES), on CPU each its own share of the cores (affinity);
-the default is one per local GPU, else 1. `--shard=i/n` takes every n-th run
+Each run is a child process (`--run=NAME`), so one crash loses one run; a
+killed sweep sends its runs SIGTERM (they save and stop), and a run another
+process holds is reported `busy`. `--workers=K` runs K at once: on GPUs each
+takes its own device (CUDA_VISIBLE_DEVICES), on CPU each its own share of the
+cores (affinity; XLA's summation order follows the core count, so compare
+runs trained with the same share); the default is one per local GPU, else 1.
+TPU chips are not split: run one at a time there (each run uses every chip). `--shard=i/n` takes every n-th run
 starting at i, so n machines on one shared filesystem (a SLURM array, a
 Kubernetes indexed job) split a sweep; any of them, or a later `--collect`,
 aggregates whatever has finished into W/results.jsonl, W/table.md and plots
