@@ -67,6 +67,13 @@ def _sweep(tmp_path, text=SWEEP_SRC, name='sweep.py'):
   return sweep_lib.load_sweep(_write(tmp_path, name, text))
 
 
+def test_importing_the_sweep_leaves_absl_flags_to_tljax_main():
+  """Both modules in one process (the test suite, a notebook): only main's flags exist."""
+  from tljax import main   # noqa: F401  (raised DuplicateFlagError when sweep defined flags)
+  from absl import flags
+  assert 'sweep' not in flags.FLAGS and 'config' in flags.FLAGS
+
+
 # ---- the sweep file and the plan ----
 
 @pytest.mark.parametrize('body, message', [

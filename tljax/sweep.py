@@ -62,18 +62,6 @@ from absl import app, flags, logging
 from tljax.sweep_results import read_status, write_status
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('config', None, 'Config file[:arg], as tljax.main takes it.')
-flags.DEFINE_string('sweep', None, 'Sweep file[:arg] with get_sweep().')
-flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, results.jsonl, table.md, plots.')
-flags.DEFINE_integer('seeds', None, 'Run seeds range(N) instead of the sweep file\'s seeds.')
-flags.DEFINE_integer('workers', 0, 'Runs at once (0: one per local GPU, else 1).')
-flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th run starting at i (0-based).')
-flags.DEFINE_bool('collect', False, 'Only aggregate the finished runs; train nothing.')
-flags.DEFINE_bool('retry_failed', False, 'Run failed runs again (they resume from checkpoints).')
-flags.DEFINE_bool('tune_malloc', True, 'CPU: start runs under the tuned host allocator '
-                  '(tljax.cpu_backend.allocator), as tljax.main does.')
-flags.DEFINE_string('run', None, 'Internal: train the one run of this name, in this process.')
-
 BUSY = 75   # a run's exit code when another process holds its workdir
 
 SWEEP_KEYS = {'arms', 'grid', 'seeds', 'baseline', 'few_shot_seed', 'per_phase', 'labels'}
@@ -511,5 +499,22 @@ def _usage(message: str) -> None:
   sys.exit(2)
 
 
+def _define_flags() -> None:
+  """Only when run as a command: tljax.main defines some of the same names, and a library
+  import (tests, notebooks) must not claim absl's global flags."""
+  flags.DEFINE_string('config', None, 'Config file[:arg], as tljax.main takes it.')
+  flags.DEFINE_string('sweep', None, 'Sweep file[:arg] with get_sweep().')
+  flags.DEFINE_string('workdir', None, 'Sweep directory: runs/, results.jsonl, table.md, plots.')
+  flags.DEFINE_integer('seeds', None, 'Run seeds range(N) instead of the sweep file\'s seeds.')
+  flags.DEFINE_integer('workers', 0, 'Runs at once (0: one per local GPU, else 1).')
+  flags.DEFINE_string('shard', '0/1', 'i/n: run every n-th run starting at i (0-based).')
+  flags.DEFINE_bool('collect', False, 'Only aggregate the finished runs; train nothing.')
+  flags.DEFINE_bool('retry_failed', False, 'Run failed runs again (they resume from checkpoints).')
+  flags.DEFINE_bool('tune_malloc', True, 'CPU: start runs under the tuned host allocator '
+                    '(tljax.cpu_backend.allocator), as tljax.main does.')
+  flags.DEFINE_string('run', None, 'Internal: train the one run of this name, in this process.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
