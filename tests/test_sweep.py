@@ -219,7 +219,7 @@ def test_separated_intervals_are_named_and_failures_listed(tmp_path):
   assert '9 runs: 5 done, 3 failed, 1 missing' in text
   assert '| far | 2 |' in text and '| yes, higher | yes, higher |' in text
   assert '- `bad--seed1`: failed — ValueError: nope' in text
-  assert '- `far--seed2`: missing' in text
+  assert '- `far--seed2`: missing — not started' in text
   statuses = [json.loads(l)['status'] for l in open(tmp_path / 'results.jsonl')]
   assert statuses.count('missing') == 1 and statuses.count('failed') == 3
 

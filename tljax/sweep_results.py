@@ -65,6 +65,8 @@ def run_record(run, directory: str, sweep) -> dict[str, Any]:
   if record['status'] == 'running':
     record.update(status='missing', error=status.get('error') or 'interrupted or still running; '
                   're-running the sweep command resumes it')
+  elif record['status'] == 'missing' and not record['error']:
+    record['error'] = 'not started'
   if record['status'] != 'done':
     return record
   with open(os.path.join(directory, report.SUMMARY_JSON)) as f:
