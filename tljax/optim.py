@@ -293,15 +293,12 @@ BN_POLICIES = {'frozen': False, 'train': True}
 # phase.drop_connect → when the backbone's drop-connect (stochastic depth) is active in training
 # steps: 'follow_bn' only with bn='train' (Keras' `base_model(training=False)`); 'when_trained'
 # whenever backbone weights train (PyTorch's model.train() with BatchNorm modules in eval).
-DROP_CONNECT_POLICIES = ('follow_bn', 'when_trained')
+DROP_CONNECT_POLICIES = {'follow_bn': False, 'when_trained': True}
 
 
 def stochastic_backbone(phase, labels: Mapping) -> bool:
   """Whether the phase's training steps turn the backbone's drop-connect on apart from BN."""
-  if phase.drop_connect not in DROP_CONNECT_POLICIES:
-    raise ValueError(f'unknown drop_connect {phase.drop_connect!r}; use one of '
-                     f'{", ".join(map(repr, DROP_CONNECT_POLICIES))}')
-  return phase.drop_connect == 'when_trained' and any(
+  return _lookup(DROP_CONNECT_POLICIES, 'drop_connect', phase.drop_connect) and any(
       v == TRAINABLE for k, v in traverse_util.flatten_dict(dict(labels), sep='/').items()
       if k.startswith('backbone/'))
 
