@@ -94,9 +94,14 @@ def rows_of(record: dict, per_phase: bool) -> list[tuple[str, dict]]:
   return [(record['arm'], {s: record[s] for s in ('val', 'test') if s in record})]
 
 
-def _grid_key(record: dict) -> tuple:
-  return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str))
-                      for k, v in record['grid'].items()))
+def _grid_key(grid: dict) -> tuple:
+  """A hashable grid point: {path: value} with values as JSON text."""
+  return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in grid.items()))
+
+
+def _accuracies(data: dict, key: tuple, label: str, split: str) -> dict:
+  """{seed: accuracy} of one table cell; empty where nothing finished."""
+  return data.get((key, label), {}).get(split, {}).get('accuracy', {})
 
 
 def table_data(records: Sequence[dict], sweep) -> dict:
@@ -106,7 +111,7 @@ def table_data(records: Sequence[dict], sweep) -> dict:
     if record['status'] != 'done':
       continue
     for label, splits in rows_of(record, sweep.per_phase):
-      cell = data.setdefault((_grid_key(record), label), {})
+      cell = data.setdefault((_grid_key(record['grid']), label), {})
       for split, metrics in splits.items():
         for metric, value in metrics.items():
           cell.setdefault(split, {}).setdefault(metric, {})[record['seed']] = value
@@ -252,23 +257,17 @@ def plot(records: Sequence[dict], sweep, workdir: str) -> list[str]:
     if numeric:
       values = list(sweep.grid[axis])
       for label in labels:
-        xs, mean, low, high = [], [], [], []
-        for i, v in enumerate(values):
-          key = ((axis, json.dumps(v, sort_keys=True, default=str)),)
-          seeds = data.get((key, label), {}).get(split, {}).get('accuracy', {})
-          if not seeds:
-            continue
-          ci = stats.mean_ci(seeds.values())
-          xs.append(i)
-          mean.append(100 * ci.mean)
-          half = 0.0 if ci.n < 2 else 100 * ci.half_width
-          low.append(100 * ci.mean - half)
-          high.append(100 * ci.mean + half)
+        points = [(i, _accuracies(data, _grid_key({axis: v}), label, split))
+                  for i, v in enumerate(values)]
+        points = [(i, seeds) for i, seeds in points if seeds]
+        cis = [stats.mean_ci(seeds.values()) for _, seeds in points]
+        xs = [i for i, _ in points]
+        mean = [100 * ci.mean for ci in cis]
+        half = [0.0 if ci.n < 2 else 100 * ci.half_width for ci in cis]
         line, = ax.plot(xs, mean, marker='o', label=label)
-        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
-        for i, v in enumerate(values):
-          key = ((axis, json.dumps(v, sort_keys=True, default=str)),)
-          seeds = data.get((key, label), {}).get(split, {}).get('accuracy', {})
+        ax.fill_between(xs, [m - h for m, h in zip(mean, half)],
+                        [m + h for m, h in zip(mean, half)], color=line.get_color(), alpha=0.2)
+        for i, seeds in points:
           ax.plot([i] * len(seeds), [100 * a for a in seeds.values()], '.',
                   color=line.get_color(), markersize=4)
       ax.set_xticks(range(len(values)), [_label(sweep, axis, v) for v in values])
@@ -280,7 +279,7 @@ def plot(records: Sequence[dict], sweep, workdir: str) -> list[str]:
       for j, key in enumerate(keys):
         mean, err = [], []
         for label in labels:
-          seeds = data.get((key, label), {}).get(split, {}).get('accuracy', {})
+          seeds = _accuracies(data, key, label, split)
           ci = stats.mean_ci(seeds.values()) if seeds else None
           mean.append(100 * ci.mean if ci else 0.0)
           err.append(100 * ci.half_width if ci and ci.n >= 2 else 0.0)
@@ -288,7 +287,7 @@ def plot(records: Sequence[dict], sweep, workdir: str) -> list[str]:
         ax.bar(xs, mean, width, yerr=err, capsize=4, alpha=0.8,
                label=', '.join(_fmt_grid(key, sweep)) or None)
         for x, label in zip(xs, labels):   # every seed, so n = 3 is visibly n = 3
-          seeds = data.get((key, label), {}).get(split, {}).get('accuracy', {})
+          seeds = _accuracies(data, key, label, split)
           ax.plot([x] * len(seeds), [100 * v for v in seeds.values()], 'k.', markersize=5)
       ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(labels))], labels,
                     rotation=15, ha='right')
