@@ -209,6 +209,35 @@ def test_fallback_prints_no_event_loop_noise(tmp_path):
     assert noise not in proc.stderr, proc.stderr   # the warnings went to stdout, once each
 
 
+
+LATE_CALLBACK = """
+import asyncio, sys, types
+from tljax.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1], async_save=False)
+loop = asyncio.new_event_loop()
+loop.close()
+try:
+  loop.call_soon_threadsafe(print)
+except RuntimeError as e:
+  sys.unraisablehook(types.SimpleNamespace(exc_type=type(e), exc_value=e,
+                                           exc_traceback=e.__traceback__, err_msg=None, object=None))
+class Other:
+  def __del__(self):
+    raise KeyError('other')
+Other()
+print('done')
+"""
+
+
+def test_a_failed_write_s_late_callbacks_are_quiet_from_the_first_checkpointer(tmp_path):
+  """A full disk fails a save; tensorstore's sibling writes then call back into orbax's closed
+  loop before any restore has failed, so the quieting must not wait for a failed restore."""
+  cmd, kw = _python(LATE_CALLBACK, str(tmp_path))
+  proc = subprocess.run(cmd, capture_output=True, timeout=120, **kw)
+  assert proc.returncode == 0 and 'done' in proc.stdout, proc.stderr
+  assert 'Event loop is closed' not in proc.stderr, proc.stderr
+  assert "KeyError: 'other'" in proc.stderr, proc.stderr   # anything else still reaches stderr
+
 HOLD = """
 import sys, time
 from tljax.workdir_lock import acquire

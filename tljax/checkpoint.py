@@ -154,9 +154,9 @@ def _verify(digest: Mapping[str, Any] | None, meta: Mapping[str, Any],
   return checked, unchecked
 
 
-# ---- orbax's abandoned reads ----
+# ---- orbax's abandoned reads and writes ----
 #
-# A failing array read makes orbax's `asyncio.gather` raise at once while its
+# A failing array read or write (a corrupt file, a full disk) makes orbax's `asyncio.gather` raise at once while its
 # sibling reads are still in flight, and orbax's `run_sync` then closes the
 # private event loop it ran on. The siblings complete later, and each way
 # they do prints a report: tensorstore calls `loop.call_soon_threadsafe` on
@@ -164,8 +164,9 @@ def _verify(digest: Mapping[str, Any] | None, meta: Mapping[str, Any],
 # ("Event loop is closed" tracebacks), and tasks or gathers that failed
 # without anyone left to look are logged by asyncio as "... exception was
 # never retrieved" when collected. Nothing awaits those results and the
-# failure itself was caught, so once a restore has failed exactly these
-# reports go to the debug log instead of stderr; everything else still
+# failure itself reaches the caller, so from the first checkpointer on exactly
+# these reports go to the debug log instead of stderr (a write's siblings can
+# finish before the failure surfaces at the next save); everything else still
 # reaches the previous hook and handlers.
 
 _STATUS = re.compile(r'[A-Z][A-Z_]+: ')   # tensorstore errors start with an absl status code
@@ -198,17 +199,17 @@ class _AbandonedReadFilter(pylogging.Filter):
     return False
 
 
-def _quiet_abandoned_reads() -> None:
-  if not getattr(sys.unraisablehook, 'tljax_quiets_abandoned_reads', False):
+def _quiet_abandoned_io() -> None:
+  if not getattr(sys.unraisablehook, 'tljax_quiets_abandoned_io', False):
     previous = sys.unraisablehook
 
     def hook(unraisable):
       if _is_closed_loop_callback(unraisable):
-        logging.debug('dropped a late tensorstore read for a failed checkpoint restore')
+        logging.debug('dropped a late tensorstore callback of a failed checkpoint read or write')
       else:
         previous(unraisable)
 
-    hook.tljax_quiets_abandoned_reads = True
+    hook.tljax_quiets_abandoned_io = True
     sys.unraisablehook = hook
   asyncio_logger = pylogging.getLogger('asyncio')
   if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_logger.filters):
@@ -232,6 +233,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 2, best: bool = True, async_save: bool = True):
     self.workdir = workdir
+    _quiet_abandoned_io()
     self._latest = _manager(os.path.join(workdir, 'checkpoints'), keep, async_save)
     self._best = _manager(os.path.join(workdir, 'best'), 1, async_save) if best else None
 
@@ -323,8 +325,6 @@ class Checkpointer:
   @staticmethod
   def _failed(mngr: ocp.CheckpointManager, step: int, error: Exception) -> tuple[int, str]:
     logging.info('checkpoint %s/%s is unusable: %r', mngr.directory, step, error)
-    if not isinstance(error, _DigestMismatch):
-      _quiet_abandoned_reads()
     return step, _reason(error)
 
   def _set_aside(self, mngr: ocp.CheckpointManager, bad: list[tuple[int, str]], good: int) -> None:
