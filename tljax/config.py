@@ -49,6 +49,11 @@ def phase(name: str, **kw) -> ml_collections.ConfigDict:
       augment=True,          # False: the eval transform (resize + normalise) only
       cache_features=True,   # head-only + frozen BN + deterministic inputs → features computed once
       cache_views=0,         # >0: K pre-drawn augmented views cached (view = epoch % K)
+      accumulate_steps=1,    # >1: average gradients over N batches per update (optax.MultiSteps)
+      ema_decay=0.0,         # >0: evaluate/export an exponential moving average of the weights
+      early_stop_patience=0,  # >0: stop the phase after N evaluations without improvement
+      early_stop_metric='accuracy',  # a key of EARLY_STOP_METRICS, on the validation split
+      restore_best=True,     # with early stopping: the phase ends on its best evaluated weights
   ))
   for k, v in kw.items():
     if k not in p:
@@ -77,14 +82,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.load_size = 0            # decoded cache size; 0 = input size (crops then zoom in)
   c.data = default_data_config()
   c.augment = default_augment_config()
-  c.loss = ml_collections.ConfigDict(dict(kind='softmax', label_smoothing=0.0))
+  # class_weights: 'none', 'balanced' (n / (k * count_c) from the train split) or one weight per
+  # class; the loss is the weighted mean over the batch (torch's CrossEntropyLoss(weight=)).
+  c.loss = ml_collections.ConfigDict(dict(kind='softmax', label_smoothing=0.0,
+                                          class_weights='none'))
   c.device_cache_mb = 2048   # train split held on every device (host sends indices) if it fits
   c.batch_size = 32          # global, divisible by the number of local devices
   c.eval_batch_size = 0      # 0 = batch_size
   c.phases = (phase('head'),)
   c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_steps=0, keep=2, best=True))
   c.log = ml_collections.ConfigDict(dict(every_steps=10, progress=True, tensorboard=True, plots=True))
-  c.eval = ml_collections.ConfigDict(dict(split='val', checkpoint='latest', every_epochs=1))
+  # tta: a key of tljax.tta.MODES (softmax averaged over the views); temperature_scaling: fit one
+  # temperature on the validation logits after training, stored with the export.
+  c.eval = ml_collections.ConfigDict(dict(split='val', checkpoint='latest', every_epochs=1,
+                                          tta='none', temperature_scaling=True))
+  # --mode=lr_find: an exponential lr sweep over `steps` steps of phase `phase` ('' = the first
+  # phase that trains), stopped early once the smoothed loss exceeds stop_factor × its minimum.
+  c.lr_find = ml_collections.ConfigDict(dict(phase='', start_lr=1e-7, end_lr=10.0, steps=200,
+                                             smoothing=0.98, stop_factor=4.0))
   c.predict = ml_collections.ConfigDict(dict(images=(), top_k=5))
   return c
 
@@ -163,6 +178,10 @@ def finalize(c: ml_collections.ConfigDict, args: dict[str, Any]) -> ml_collectio
   return c
 
 
+# phase.early_stop_metric → whether larger is better (all read from the validation evaluation).
+EARLY_STOP_METRICS = {'accuracy': True, 'balanced_accuracy': True, 'loss': False}
+
+
 def _fail(field: str, value, expected: str):
   raise ValueError(f'config: {field}={value!r} is invalid; {expected}.')
 
@@ -194,6 +213,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('loss.kind', c.loss.kind, components.LOSSES)
   if not 0.0 <= c.loss.label_smoothing < 1.0:
     _fail('loss.label_smoothing', c.loss.label_smoothing, 'expected 0 <= smoothing < 1')
+  _validate_class_weights(c.loss.class_weights)
   for field in ('input_size', 'load_size', 'eval_batch_size', 'device_cache_mb'):
     if c[field] < 0:
       _fail(field, c[field], 'expected >= 0 (0 = default)')
@@ -216,8 +236,36 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('log.every_steps', c.log.every_steps, 'expected >= 1')
   _choice('eval.checkpoint', c.eval.checkpoint, ('latest', 'best'))
   _choice('eval.split', c.eval.split, ('train', 'val', 'test'))
+  from tljax import tta
+  _choice('eval.tta', c.eval.tta, tta.MODES)
+  _validate_lr_find(c.lr_find, names)
   validate_data_config(c.data)
   validate_augment_config(c.augment)
+
+
+def _validate_class_weights(w) -> None:
+  if isinstance(w, str):
+    _choice('loss.class_weights', w, ('none', 'balanced'))
+    return
+  try:
+    values = [float(v) for v in w]
+  except (TypeError, ValueError):
+    _fail('loss.class_weights', w, "use 'none', 'balanced' or a tuple of numbers, one per class")
+  if not values or not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+    _fail('loss.class_weights', w, 'expected finite weights >= 0, at least one > 0')
+
+
+def _validate_lr_find(f, phase_names) -> None:
+  if f.phase and f.phase not in phase_names:
+    _fail('lr_find.phase', f.phase, f"name a phase of the config ({', '.join(phase_names)}) or ''")
+  if not (0 < f.start_lr < f.end_lr and math.isfinite(f.end_lr)):
+    _fail('lr_find', (f.start_lr, f.end_lr), 'expected 0 < start_lr < end_lr < inf')
+  if f.steps < 10:
+    _fail('lr_find.steps', f.steps, 'expected >= 10')
+  if not 0.0 <= f.smoothing < 1.0:
+    _fail('lr_find.smoothing', f.smoothing, 'expected 0 <= smoothing < 1')
+  if not f.stop_factor > 1.0:
+    _fail('lr_find.stop_factor', f.stop_factor, 'expected > 1')
 
 
 def _validate_phase(where: str, p) -> None:
@@ -247,6 +295,13 @@ def _validate_phase(where: str, p) -> None:
       _fail(f'{where}.{field}', p[field], 'expected >= 0')
   if not 0.0 <= p.end_lr_factor <= 1.0:
     _fail(f'{where}.end_lr_factor', p.end_lr_factor, 'expected 0 <= factor <= 1')
+  if p.accumulate_steps < 1:
+    _fail(f'{where}.accumulate_steps', p.accumulate_steps, 'expected >= 1 (1 = no accumulation)')
+  if not 0.0 <= p.ema_decay < 1.0:
+    _fail(f'{where}.ema_decay', p.ema_decay, 'expected 0 <= decay < 1 (0 = off), e.g. 0.999')
+  if p.early_stop_patience < 0:
+    _fail(f'{where}.early_stop_patience', p.early_stop_patience, 'expected >= 0 (0 = off)')
+  _choice(f'{where}.early_stop_metric', p.early_stop_metric, EARLY_STOP_METRICS)
   if p.precise_bn and p.bn != 'train':
     _fail(f'{where}.precise_bn', p.precise_bn, "only meaningful with bn='train'")
   if p.warmup_epochs > p.epochs:
