@@ -29,6 +29,7 @@ def collect(p_eval: Callable, state, batches: Iterable[Mapping[str, np.ndarray]]
   keys = ('pred', 'top5', 'loss', 'confidence')
   if not pending:
     return {k: np.zeros(0) for k in keys + ('label',)}
+  keys += ('logits',) if 'logits' in pending[0][0] else ()
   local = {k: np.stack([np.asarray(jax.device_get(out[k])) for out, _, _ in pending])
            for k in keys}
   local['label'] = np.stack([labels for _, labels, _ in pending])
@@ -39,7 +40,9 @@ def collect(p_eval: Callable, state, batches: Iterable[Mapping[str, np.ndarray]]
     local = {k: np.swapaxes(np.asarray(v), 0, 1)
              for k, v in multihost_utils.process_allgather(local).items()}
   mask = local.pop('mask').reshape(-1)
-  return {k: v.reshape(-1)[mask] for k, v in local.items()}
+  rows = {k: v.reshape(mask.size, -1)[mask] for k, v in local.items()}
+  # Logits keep their class axis (temperature scaling refits on them).
+  return {k: r if k == 'logits' else r[:, 0] for k, r in rows.items()}
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
