@@ -12,13 +12,18 @@ Every name a phase may give (`optimizer`, `schedule`, `bn`, the `trainable`
 terms) is a key of one registry here (OPTIMIZERS, SCHEDULES, BN_POLICIES,
 TERMS); `tljax.config.validate` checks names against the same dicts, so a
 new choice is added in one place.
+
+Gradient accumulation and the weight EMA live inside the transformation,
+so their state is checkpointed with the optimizer's and a run resumed
+mid-accumulation continues bit-identically; the schedule then counts
+updates, and `lr_at` converts a batch step for logging.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -255,11 +260,37 @@ def _cosine(phase, total: int, warmup: int) -> optax.Schedule:
 SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {'constant': _constant, 'cosine': _cosine}
 
 
-def schedule(phase, steps_per_epoch: int) -> optax.Schedule:
-  """Per-phase learning rate as a function of the phase's own step count."""
+def schedule(phase, steps_per_epoch: float) -> optax.Schedule:
+  """Per-phase learning rate as a function of the phase's own step count.
+
+  `steps_per_epoch` may be fractional: with gradient accumulation the
+  schedule counts updates, `steps_per_epoch / accumulate_steps` per epoch.
+  """
   total = max(1, int(phase.epochs * steps_per_epoch))
   warmup = int(round(phase.warmup_epochs * steps_per_epoch))
   return _lookup(SCHEDULES, 'schedule', phase.schedule)(phase, total, warmup)
+
+
+def accumulate_steps(phase) -> int:
+  """Batches whose gradients are averaged into one update (1: every batch updates)."""
+  return max(1, int(getattr(phase, 'accumulate_steps', 1) or 1))
+
+
+def updates_per_epoch(phase, steps_per_epoch: int) -> float:
+  """What the phase's schedule counts per epoch: updates, which are batches unless accumulating."""
+  k = accumulate_steps(phase)
+  return steps_per_epoch if k == 1 else steps_per_epoch / k
+
+
+def lr_at(phase, steps_per_epoch: int, step_in_phase: int) -> float:
+  """The learning rate of the update that batch `step_in_phase` of the phase contributes to.
+
+  The optimizer's schedule is indexed by update count, so the loop cannot
+  read it at the batch step once batches are accumulated; this is the one
+  conversion (for accumulate_steps=1 it is `schedule(phase, spe)(step)`).
+  """
+  update = int(step_in_phase) // accumulate_steps(phase)
+  return float(schedule(phase, updates_per_epoch(phase, steps_per_epoch))(update))
 
 
 def _adam(phase, lr):
@@ -308,19 +339,100 @@ def bn_train(phase) -> bool:
   return _lookup(BN_POLICIES, 'bn', phase.bn)
 
 
-def make_optimizer(phase, labels: Mapping, steps_per_epoch: int) -> optax.GradientTransformation:
+class EmaState(NamedTuple):
+  """`ema_weights`' state: batches into the current update, updates so far, the averaged weights."""
+
+  mini_step: jax.Array
+  count: jax.Array
+  ema: Any
+
+
+def ema_weights(decay: float, every_k: int = 1, mask: Any = None) -> optax.GradientTransformation:
+  """An exponential moving average of the weights, kept in the optimizer state.
+
+  Placed after the optimizer, it stores the average of `params + updates`
+  (the weights the step is about to produce) and passes `updates` through.
+  It advances only on the batch that ends each group of `every_k`, the
+  batch on which `optax.MultiSteps` with a constant k emits its update (the
+  others emit zeros), so the average runs over updates, not batches.
+
+  The decay warms up as TF's ExponentialMovingAverage does with
+  `num_updates`: delta = min(decay, (1 + n) / (10 + n)) after n updates.
+  With a fixed 0.999 a phase of a few hundred updates would end on an
+  average that is still mostly its starting weights.
+
+  `mask` (bools shaped like params, None = all) names the leaves that can
+  change; the others keep their initial copy, which is exact for frozen
+  leaves and skips their arithmetic.
+  """
+  def init(params):
+    return EmaState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                    jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('ema_weights needs params: call tx.update(updates, state, params)')
+    keep = jax.tree.map(lambda _: True, params) if mask is None else mask
+    emit = state.mini_step == every_k - 1
+
+    def advance(ema):
+      n = state.count.astype(jnp.float32)
+      delta = jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+      def one(e, p, u, m):
+        if not m:
+          return e
+        return (e + (1.0 - delta) * ((p + u).astype(jnp.float32) - e)).astype(e.dtype)
+
+      return jax.tree.map(one, ema, params, updates, keep)
+
+    ema = jax.lax.cond(emit, advance, lambda e: e, state.ema)
+    return updates, EmaState((state.mini_step + 1) % every_k,
+                             state.count + emit.astype(jnp.int32), ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state) -> Any | None:
+  """The averaged weights held in an optimizer state from `make_optimizer`; None without EMA.
+
+  The tree has the layout of the params the state was made for: with a
+  replicated state (leading device axis), unreplicate the result.
+  """
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  return found[0].ema if found else None
+
+
+def make_optimizer(phase, labels: Mapping, steps_per_epoch: int,
+                   lr: float | optax.Schedule | None = None) -> optax.GradientTransformation:
   """The phase's transformation: trainable leaves optimised, frozen leaves zeroed and stateless.
 
   Decoupled AdamW decays inside the optimizer; the others get L2 decay
   added to the gradient first (Keras/torch `weight_decay` semantics), both
   restricted to trainable kernels.
+
+  `accumulate_steps=k > 1` wraps the trainable chain in `optax.MultiSteps`
+  inside its partition, so frozen leaves still hold no state (not even an
+  accumulator) and the schedule counts updates (`updates_per_epoch`).
+  `ema_decay > 0` chains `ema_weights` after everything (`ema_params` reads
+  it). `lr`, a float or a schedule over the update count, replaces the
+  phase's schedule (the LR finder sweeps it).
   """
-  lr = schedule(phase, steps_per_epoch)
+  k = accumulate_steps(phase)
+  if lr is None:
+    lr = schedule(phase, updates_per_epoch(phase, steps_per_epoch))
   chain = []
   if phase.grad_clip:
     chain.append(optax.clip_by_global_norm(phase.grad_clip))
   if phase.weight_decay and phase.optimizer not in DECOUPLED_DECAY:
     chain.append(optax.masked(optax.add_decayed_weights(phase.weight_decay), _kernel_mask))
   chain.append(_lookup(OPTIMIZERS, 'optimizer', phase.optimizer)(phase, lr))
-  return optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()},
-                               labels)
+  trainable = optax.chain(*chain)
+  if k > 1:
+    trainable = optax.MultiSteps(trainable, every_k_schedule=k).gradient_transformation()
+  tx = optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+  decay = float(getattr(phase, 'ema_decay', 0.0) or 0.0)
+  if decay:
+    tx = optax.chain(tx, ema_weights(decay, k, jax.tree.map(lambda l: l == TRAINABLE, labels)))
+  return tx
