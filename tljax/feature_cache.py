@@ -22,8 +22,15 @@ from tljax import optim, steps
 BACKBONE_TRAINS = 'backbone parameters train'
 
 
-def eligible(phase, params: Mapping, labels: Mapping, splits: Mapping) -> str | None:
-  """None if the phase can train on cached features, else the reason it cannot."""
+def eligible(phase, params: Mapping, labels: Mapping, splits: Mapping, *,
+             augment_cfg=None) -> str | None:
+  """None if the phase can train on cached features, else the reason it cannot.
+
+  `augment_cfg` (the run's augment config), when given, also rules out an
+  augmenting phase whose op policy or batch mixing is on: mixing acts on the
+  images of each step's batch, and pre-drawn views would freeze a policy's
+  per-step draws, so the features could not be the ones the phase trains on.
+  """
   from tljax.data import Split
   if not phase.cache_features:
     return 'disabled (cache_features=False)'
@@ -34,6 +41,13 @@ def eligible(phase, params: Mapping, labels: Mapping, splits: Mapping) -> str | 
     return "BatchNorm trains (bn='train')"
   if phase.augment and not phase.cache_views:
     return 'online augmentation (set cache_views=K to cache K augmented views)'
+  if phase.augment and augment_cfg is not None:
+    from tljax.data.augment import mixing_enabled
+    policy = augment_cfg.get('policy', 'none')
+    if policy != 'none':
+      return f"augment.policy={policy!r} draws new ops every step (set augment.policy='none')"
+    if mixing_enabled(augment_cfg):
+      return 'batch mixing (augment.mixup_alpha/cutmix_alpha > 0) mixes images every step'
   if not all(isinstance(s, Split) for s in splits.values()):
     return 'a split is streamed, not cached in memory'
   if jax.process_count() > 1:

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from tljax.data.config import SAMPLERS
 from tljax.data.split import Split
 from tljax.data.streaming import StreamingSplit
 
@@ -53,6 +54,20 @@ def eval_steps(n: int, global_batch: int) -> int:
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
   """The training permutation of epoch `epoch`; a pure function of its arguments."""
   return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def balanced_order(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+  """`len(labels)` indices drawn with replacement, P(i) ∝ 1/count(label_i); pure as `epoch_order`.
+
+  Every class present is drawn equally often in expectation, so a 90/10
+  split trains on about 50/50 batches; rare examples repeat within an epoch
+  and common ones are skipped. Seeded apart from `epoch_order`'s stream.
+  """
+  labels = np.asarray(labels)
+  _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  p = 1.0 / (len(counts) * counts[inverse])
+  rng = np.random.default_rng([seed, epoch, 1])
+  return rng.choice(len(labels), size=len(labels), p=p / p.sum())
 
 
 _POOL: list = []
@@ -107,15 +122,18 @@ def _shape(images, labels, d: int, extra: dict | None = None) -> dict:
 def train_batches(split: Split | StreamingSplit, global_batch: int, *, seed: int, epoch: int,
                   start_step: int = 0, num_devices: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  with_images: bool = True) -> Iterator[dict]:
+                  with_images: bool = True, sampler: str = 'uniform') -> Iterator[dict]:
   """One epoch of `{'image': uint8 [D, b, S, S, 3], 'label': int32 [D, b]}` (+ 'index').
 
   `index` (cached splits only) is each example's position in `split`, for
   callers that cache per-example features or gather from `device_cache`
   (then pass `with_images=False` to skip the host copy). Steps before
   `start_step` are not materialised for a cached split (a streamed one must
-  decode through them).
+  decode through them). `sampler='balanced'` draws the epoch by
+  `balanced_order` instead of `epoch_order` (cached splits only).
   """
+  if sampler not in SAMPLERS:
+    raise ValueError(f'sampler={sampler!r} is unknown; use one of {", ".join(SAMPLERS)}')
   d, p, local = _layout(global_batch, num_devices, process_index, process_count)
   n = len(split)
   steps = steps_per_epoch(n, global_batch)
@@ -127,13 +145,20 @@ def train_batches(split: Split | StreamingSplit, global_batch: int, *, seed: int
   if isinstance(split, StreamingSplit):
     if not with_images:
       raise ValueError('a streamed split has no cache to index; use with_images=True')
+    if sampler == 'balanced':
+      raise ValueError(f"data.sampler='balanced' needs an in-memory split, but {split.name!r} is "
+                       'streamed (over data.cache_budget_mb); raise data.cache_budget_mb until it '
+                       "fits, or use data.sampler='uniform'.")
     shuffle_seed = int(np.random.default_rng([seed, epoch]).integers(2 ** 31 - 1))
     for images, labels in split.batches(global_batch, shuffle_seed=shuffle_seed,
                                         drop_remainder=True, skip_batches=start_step):
       sl = slice(p * local, (p + 1) * local)
       yield _shape(images[sl], labels[sl], d)
     return
-  order = epoch_order(n, seed, epoch)
+  if sampler == 'balanced':
+    order = balanced_order(split.labels, seed, epoch)
+  else:
+    order = epoch_order(n, seed, epoch)
   for step in range(start_step, steps):
     idx = order[step * global_batch:(step + 1) * global_batch][p * local:(p + 1) * local]
     images = _gather(split.images, idx) if with_images else None

@@ -12,6 +12,8 @@ import os
 import ml_collections
 
 SOURCES = ('synthetic', 'digits', 'lfw', 'folder', 'tfds')
+SAMPLERS = ('uniform', 'balanced')
+POLICIES = ('none', 'randaugment', 'trivialaugment')      # augment op policies
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -45,6 +47,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # folder: symlinks resolving outside root are skipped with a reason
       # unless True (then followed; a link cycle is entered once)
       follow_symlinks=False,
+      # 'uniform': each epoch a permutation; 'balanced': n draws with replacement, each
+      # class equally likely (in-memory splits only)
+      sampler='uniform',
   ))
 
 
@@ -60,6 +65,18 @@ def default_augment_config() -> ml_collections.ConfigDict:
       brightness=0.0,            # factor in [1-b, 1+b] (torchvision ColorJitter)
       contrast=0.0,
       saturation=0.0,
+      # Op policy after crop/flip/colour, per image on device: 'none', 'randaugment'
+      # (policy_ops ops at bin policy_magnitude of 0..30, torchvision's scale) or
+      # 'trivialaugment' (one op at a uniform bin, torchvision's wide ranges).
+      policy='none',
+      policy_ops=2,              # RandAugment's N
+      policy_magnitude=9,        # RandAugment's M, 0..30
+      # Batch mixing (the train step calls augment.mix_batch): 0 = off. With both alphas
+      # > 0 a batch uses CutMix with probability mix_switch_prob, else Mixup (as timm).
+      mixup_alpha=0.0,
+      cutmix_alpha=0.0,
+      mix_switch_prob=0.5,
+      mix_prob=1.0,              # probability that a batch is mixed at all
   ))
 
 
@@ -100,6 +117,8 @@ def validate_data_config(cfg) -> None:
     _fail('examples_per_class', cfg.examples_per_class, 'use it or train_fraction, not both')
   if not isinstance(cfg.follow_symlinks, bool):
     _fail('follow_symlinks', cfg.follow_symlinks, 'expected True or False')
+  if cfg.sampler not in SAMPLERS:
+    _fail('sampler', cfg.sampler, f'use one of {", ".join(SAMPLERS)}')
   if cfg.cache_budget_mb <= 0:
     _fail('cache_budget_mb', cfg.cache_budget_mb, 'expected > 0')
   if cfg.source == 'synthetic':
@@ -128,3 +147,21 @@ def validate_augment_config(cfg) -> None:
   for field in ('brightness', 'contrast', 'saturation'):
     if not 0.0 <= cfg[field] < 1.0:
       _fail(f'augment.{field}', cfg[field], 'expected 0 <= factor < 1')
+  if cfg.policy not in POLICIES:
+    _fail('augment.policy', cfg.policy, f'use one of {", ".join(POLICIES)}')
+  if not _is_int(cfg.policy_ops) or cfg.policy_ops < 1:
+    _fail('augment.policy_ops', cfg.policy_ops, 'expected an integer >= 1 (RandAugment uses 2)')
+  if not _is_int(cfg.policy_magnitude) or not 0 <= cfg.policy_magnitude <= 30:
+    _fail('augment.policy_magnitude', cfg.policy_magnitude,
+          'expected an integer bin in [0, 30] (torchvision scale; RandAugment uses 9)')
+  for field in ('mixup_alpha', 'cutmix_alpha'):
+    if not 0.0 <= cfg[field] < float('inf'):
+      _fail(f'augment.{field}', cfg[field], 'expected a Beta alpha >= 0 (0 = off; 0.2 and 1.0 '
+            'are usual for mixup and cutmix)')
+  for field in ('mix_switch_prob', 'mix_prob'):
+    if not 0.0 <= cfg[field] <= 1.0:
+      _fail(f'augment.{field}', cfg[field], 'expected a probability in [0, 1]')
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
