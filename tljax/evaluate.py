@@ -126,10 +126,15 @@ def scalars(m: Mapping[str, Any]) -> dict[str, float]:
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
-  """`--mode=eval`: the latest (or best) checkpoint of `workdir` on `config.eval.split`."""
-  from tljax import components, report, steps
+  """`--mode=eval`: the latest (or best) checkpoint of `workdir` on `config.eval.split`.
+
+  `config.eval.tta` picks the views (`tljax.tta`); the result, its JSON and
+  the printed line name the mode, so a TTA number is never mistaken for a
+  single-view one.
+  """
+  from tljax import components, report, steps, tta
   from tljax.checkpoint import Checkpointer
-  from tljax.data import augment, batching
+  from tljax.data import batching
   from tljax.config import validate
   validate(config)
   pp = components.preprocessing(config, _weights_meta(config))
@@ -147,19 +152,21 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   state = steps.TrainState(params=variables['params'], batch_stats=variables['batch_stats'],
                            opt_state=None, step=np.zeros((), np.int64), rng=None)
   dtype = components.compute_dtype(config)
-  transform = lambda key, x: augment.eval_transform(x, pp.input_size, pp, dtype=dtype)
-  fns = steps.build_steps(eval_apply=steps.on_images(model, transform), loss_kind=config.loss.kind)
+  mode = config.eval.tta
+  apply = tta.on_images(model, mode, pp.input_size, pp, config.loss.kind, dtype)
+  fns = steps.build_steps(eval_apply=apply, loss_kind=config.loss.kind)
   eval_bs = config.eval_batch_size or config.batch_size
   outputs = collect(fns['eval'], steps.replicate(state), batching.eval_batches(splits[split], eval_bs))
   result = metrics(outputs, class_names)
-  result.update(split=split, checkpoint=config.eval.checkpoint, step=meta.get('step'))
+  result.update(split=split, checkpoint=config.eval.checkpoint, step=meta.get('step'), tta=mode)
   if jax.process_index() != 0:
     return result
   with open(os.path.join(workdir, f'eval_{split}.json'), 'w') as f:
     f.write(report.dumps(result, indent=2))
   report.plot_confusion(workdir, f'eval_{split}', np.asarray(result['confusion']), class_names)
   top5 = f'top-5 {100 * result["top5"]:.2f}%  ' if result['top5'] is not None else ''
-  print(f'{split} ({config.eval.checkpoint} checkpoint, step {meta.get("step")}): '
+  views = f', tta {mode} ({tta.MODES[mode]} views)' if mode != 'none' else ', no tta'
+  print(f'{split} ({config.eval.checkpoint} checkpoint, step {meta.get("step")}{views}): '
         f'accuracy {100 * result["accuracy"]:.2f}%  {top5}loss {result["loss"]:.4f}  '
         f'balanced accuracy {100 * result["balanced_accuracy"]:.2f}%  '
         f'macro-F1 {100 * result["macro_f1"]:.2f}%  ECE {100 * result["ece"]:.2f}%  '

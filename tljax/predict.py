@@ -1,18 +1,33 @@
 r"""Classify image files with ported or trained weights.
 
   python -m tljax.predict --weights=DIR --image=cat.jpg [--image=...] [--topk=5] [--json]
+      [--tta=none|flip|five_crop|ten_crop]
 
 `--weights` is a ported-weights directory (`python -m tljax.port ...`); the
 preprocessing and class names recorded in its metadata are applied, so a
 prediction sees exactly the inputs the weights were trained on. Every
 readable image is classified; each unreadable one gets a one-line error
 naming the file, and the exit status is 1 if any file failed.
+
+`--tta` averages probabilities over views of each image, the views
+`--config.eval.tta` evaluates (`tljax.tta`), made from the decoded image at
+the default load size: 'shorter' geometries resize the shorter side to
+`resize` and take the centre square, whose centre and corner `input_size`
+crops are the five crops (torchvision's Resize + FiveCrop); 'exact' ones
+squash to `input_size`, which leaves the corners equal to the centre (warned).
+
+A `temperature` in the metadata (fitted by training on the validation split)
+divides the logits before the softmax (sigmoid for a 1-logit head); under
+TTA it divides the view-averaged log-probabilities, the logits `eval_step`
+sees, so probabilities are calibrated as they were measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -23,6 +38,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageOps
 
 from tljax import labels as labels_lib
+from tljax import tta as tta_lib
 from tljax.data.decode import size_error, to_rgb
 from tljax.data.preprocess import Preprocessing, resize_and_crop
 from tljax.porting import weights_io
@@ -156,6 +172,65 @@ def prepare(image: Image.Image, spec: Preprocessing) -> np.ndarray:
   return np.asarray(spec.normalize(resize_and_crop(image, spec)), np.float32)
 
 
+def views(image: Image.Image, spec: Preprocessing, mode: str = 'none') -> np.ndarray:
+  """RGB image → normalised float32 [views, size, size, 3] in `tljax.tta.view_transforms` order.
+
+  View 0 of 'none' and 'flip' is `prepare`'s input; the five crops come from
+  the square the training cache would hold at the default load size
+  (`components.load_size`), the centre one being `prepare`'s again.
+  """
+  tta_lib.check_mode(mode)
+  centre = resize_and_crop(image, spec)
+  crops = [centre]
+  if mode in ('five_crop', 'ten_crop'):
+    if spec.resize_mode == 'shorter':
+      load = spec.resize
+      square = resize_and_crop(image, dataclasses.replace(spec, input_size=load))
+    else:
+      load, square = spec.input_size, centre
+    side = round(tta_lib.crop_side(load, spec))
+    tta_lib.warn_if_degenerate(mode, load, side)
+    far = load - side
+    crops = [square[top:top + side, left:left + side]
+             for top, left in ((0, 0), (0, far), (far, 0), (far, far))] + [centre]
+  if mode in ('flip', 'ten_crop'):
+    crops += [c[:, ::-1] for c in crops]
+  return np.stack([np.asarray(spec.normalize(c), np.float32) for c in crops])
+
+
+def average_logits(view_logits: np.ndarray) -> np.ndarray:
+  """[n, views, C] → [n, C]: log of the mean probability over views (`tljax.tta.average_logits`).
+
+  One view passes through unchanged, so 'none' predicts exactly as without TTA.
+  """
+  view_logits = np.asarray(view_logits, np.float64)
+  if view_logits.shape[1] == 1:
+    return view_logits[:, 0]
+
+  def log_mean_exp(x):
+    top = np.max(x, axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.log(np.mean(np.exp(x - top), axis=1)) + top[:, 0]
+
+  if view_logits.shape[-1] == 1:
+    log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
+    logit = log_mean_exp(log_sigmoid(view_logits)) - log_mean_exp(log_sigmoid(-view_logits))
+    return np.clip(logit, -tta_lib.LOGIT_CLIP, tta_lib.LOGIT_CLIP)
+  shifted = view_logits - view_logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return log_mean_exp(log_probs)
+
+
+def temperature_of(metadata: dict) -> float:
+  """The metadata's fitted softmax temperature, 1.0 when there is none."""
+  t = metadata.get('temperature', 1.0)
+  if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+    raise ValueError(f'metadata "temperature" must be a finite number > 0, got {t!r}; fix or '
+                     'delete it in metadata.json (delete it for uncalibrated probabilities), or '
+                     're-export the weights.')
+  return float(t)
+
+
 def probabilities(logits: np.ndarray) -> np.ndarray:
   """Softmax over classes; a single logit is a binary head: [P(neg), P(pos)] by sigmoid."""
   logits = np.asarray(logits, np.float64)
@@ -186,10 +261,13 @@ def _forward_for(model):
 class Predictor:
   """A model, its variables and metadata; batches are padded to powers of two (few compiles)."""
 
-  def __init__(self, model, variables, metadata: dict):
+  def __init__(self, model, variables, metadata: dict, tta: str = 'none'):
     import jax
     self.metadata = metadata
     self.spec = Preprocessing.from_json(metadata['preprocessing'])
+    self.tta = tta
+    tta_lib.check_mode(tta)
+    self.temperature = temperature_of(metadata)
     self.names = labels_lib.resolve(metadata.get('labels'), int(metadata['num_classes']))
     self._apply = _forward_for(model)
     self._variables = jax.device_put(variables)
@@ -203,9 +281,14 @@ class Predictor:
       out.append(np.asarray(self._apply(self._variables, padded))[:len(chunk)])
     return np.concatenate(out)
 
+  def probabilities(self, logits: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities of (view-averaged) logits: `probabilities(logits / temperature)`."""
+    with np.errstate(all='ignore'):
+      return probabilities(np.asarray(logits, np.float64) / self.temperature)
+
   def top_k(self, logits: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
     """Best k classes per row; a non-finite probability is None (JSON null), sorted last."""
-    probs = probabilities(logits)
+    probs = self.probabilities(logits)
     k = min(k, probs.shape[-1])
     return [[{'index': int(j), 'label': self.names[j],
               'probability': float(row[j]) if np.isfinite(row[j]) else None}
@@ -214,21 +297,26 @@ class Predictor:
   def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
     """One result per path, in order: {'image', 'predictions', 'non_finite'} or {'image', 'error'}.
 
-    `non_finite` is True when any logit or probability of the image is NaN or
-    infinite: the weights produced garbage, and its probabilities are null.
+    `non_finite` is True when any logit (of any view) or probability of the
+    image is NaN or infinite: the weights produced garbage, and its
+    probabilities are null.
     """
     results, inputs, slots = [], [], []
     for path in paths:
       try:
-        inputs.append(prepare(decode_image(path), self.spec))
+        inputs.append(views(decode_image(path), self.spec, self.tta))
         slots.append(len(results))
         results.append({'image': path})
       except ImageError as e:
         results.append({'image': path, 'error': str(e)})
     if inputs:
-      logits = self.logits(np.stack(inputs))
+      n_views = tta_lib.MODES[self.tta]
+      flat = self.logits(np.concatenate(inputs))
+      view_logits = flat.reshape(len(inputs), n_views, flat.shape[-1])
       with np.errstate(all='ignore'):
-        finite = np.isfinite(logits).all(-1) & np.isfinite(probabilities(logits)).all(-1)
+        logits = average_logits(view_logits)
+        finite = (np.isfinite(view_logits).all((1, 2)) & np.isfinite(logits).all(-1) &
+                  np.isfinite(self.probabilities(logits)).all(-1))
       for slot, preds, ok in zip(slots, self.top_k(logits, k), finite):
         results[slot]['predictions'] = preds
         results[slot]['non_finite'] = not ok
@@ -239,8 +327,20 @@ def _probability(p: float | None) -> str:
   return f'{p:8.4f}' if p is not None else '     nan'
 
 
-def format_text(results: list[dict[str, Any]]) -> str:
-  lines = []
+def settings_line(temperature: float = 1.0, tta: str = 'none') -> str | None:
+  """What text output says first when probabilities are not plain single-view softmax."""
+  parts = []
+  if temperature != 1.0:
+    parts.append(f'temperature {temperature:g} (from the metadata)')
+  if tta != 'none':
+    parts.append(f'tta {tta} ({tta_lib.MODES[tta]} views averaged)')
+  return f'# probabilities at {", ".join(parts)}' if parts else None
+
+
+def format_text(results: list[dict[str, Any]], temperature: float = 1.0,
+                tta: str = 'none') -> str:
+  header = settings_line(temperature, tta)
+  lines = [header] if header else []
   for r in results:
     if 'predictions' in r:
       lines.append(r['image'])
@@ -254,9 +354,12 @@ flags.DEFINE_string('weights', None, 'Ported-weights directory (from `python -m 
 flags.DEFINE_multi_string('image', None, 'Image file to classify; repeat for several.')
 flags.DEFINE_integer('topk', 5, 'How many classes to print per image.')
 flags.DEFINE_bool('json', False, 'Print one JSON document instead of text.')
+flags.DEFINE_enum('tta', 'none', list(tta_lib.MODES),
+                  'Test-time augmentation: average probabilities over these views.')
 
 
-def run(weights: str, images: Sequence[str], topk: int = 5, as_json: bool = False) -> int:
+def run(weights: str, images: Sequence[str], topk: int = 5, as_json: bool = False,
+        tta: str = 'none') -> int:
   """Prints predictions; returns the exit status.
 
   1 if the weights cannot be loaded, any image failed, or the model's
@@ -264,7 +367,7 @@ def run(weights: str, images: Sequence[str], topk: int = 5, as_json: bool = Fals
   strict (`allow_nan=False`): non-finite probabilities are already null.
   """
   try:
-    predictor = Predictor(*load_for_inference(weights))
+    predictor = Predictor(*load_for_inference(weights), tta=tta)
   except (PortError, ValueError, TypeError, KeyError, OSError) as e:
     detail = ' '.join(str(e).split()) or type(e).__name__
     print(f'error: cannot load weights {weights}: {detail}', file=sys.stderr)
@@ -280,10 +383,14 @@ def run(weights: str, images: Sequence[str], topk: int = 5, as_json: bool = Fals
           'corrupt; retrain with a lower learning rate (the training log shows where the loss '
           'became NaN) or re-export/re-port them.', file=sys.stderr)
   if as_json:
-    print(json.dumps({'weights': weights, 'arch': predictor.metadata['arch'], 'results': results},
-                     indent=2, allow_nan=False))
+    doc = {'weights': weights, 'arch': predictor.metadata['arch']}
+    if predictor.temperature != 1.0:
+      doc['temperature'] = predictor.temperature
+    if tta != 'none':
+      doc['tta'] = tta
+    print(json.dumps({**doc, 'results': results}, indent=2, allow_nan=False))
   elif any('predictions' in r for r in results):
-    print(format_text(results))
+    print(format_text(results, predictor.temperature, tta))
   return 1 if non_finite or any('error' in r for r in results) else 0
 
 
@@ -298,7 +405,7 @@ def _parse(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except flags.Error as e:
     _usage(f'{e}; usage: python -m tljax.predict --weights=DIR --image=PATH [--image=...] '
-           '[--topk=5] [--json]')
+           '[--topk=5] [--json] [--tta=none|flip|five_crop|ten_crop]')
   return []
 
 
@@ -311,7 +418,7 @@ def main(argv):
     _usage('--topk must be >= 1.')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # keep stderr to one line per failed file
-  sys.exit(run(FLAGS.weights, FLAGS.image, FLAGS.topk, FLAGS.json))
+  sys.exit(run(FLAGS.weights, FLAGS.image, FLAGS.topk, FLAGS.json, FLAGS.tta))
 
 
 if __name__ == '__main__':
