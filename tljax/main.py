@@ -5,6 +5,7 @@ r"""Launch training, evaluation or prediction from a config file.
   python -m tljax.main --config=configs/default.py:tiny --workdir=/tmp/w     # test mode
   python -m tljax.main --config=... --workdir=W --mode=eval --config.eval.split=test
   python -m tljax.main --config=... --workdir=W --mode=predict --config.predict.images="('a.jpg',)"
+  python -m tljax.main --config=... --workdir=W --mode=lr_find    # lr range test, in W/lr_find/
 
 Re-running the same train command resumes from the workdir's latest checkpoint.
 
@@ -42,7 +43,7 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (`get_config()`).',
                                           lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, plots and summaries.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'lr_find'], 'What to do.')
 flags.DEFINE_bool('distributed', False, 'Multi-host run: call jax.distributed.initialize() first.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed); '
                     'default: JAX_COORDINATOR_ADDRESS or cluster auto-detection.')
@@ -178,6 +179,12 @@ def _run_mode(config) -> None:
     try:
       evaluate.evaluate(config, FLAGS.workdir)
     except (CheckpointError, FileNotFoundError) as e:
+      _fail(str(e))
+  elif FLAGS.mode == 'lr_find':
+    from tljax import lr_find, workdir_lock
+    try:
+      lr_find.find(config, FLAGS.workdir)
+    except workdir_lock.WorkdirInUse as e:
       _fail(str(e))
   else:
     from tljax import predict
