@@ -234,8 +234,18 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 2, best: bool = True, async_save: bool = True):
     self.workdir = workdir
     _quiet_abandoned_io()
+    self._async = async_save
     self._latest = _manager(os.path.join(workdir, 'checkpoints'), keep, async_save)
     self._best = _manager(os.path.join(workdir, 'best'), 1, async_save) if best else None
+    self._phase_best = None
+
+  def _phase_best_manager(self, create: bool) -> ocp.CheckpointManager | None:
+    """`<workdir>/phase_best`: the current phase's best weights, for early stopping's restore
+    (made on first use: runs without early stopping never have it)."""
+    path = os.path.join(self.workdir, 'phase_best')
+    if self._phase_best is None and (create or os.path.isdir(path)):
+      self._phase_best = _manager(path, 1, self._async)
+    return self._phase_best
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """`state`: {'model': {params, batch_stats}, 'opt_state', 'step', 'rng'} (host arrays)."""
@@ -249,11 +259,15 @@ class Checkpointer:
         meta=ocp.args.JsonSave(dict(meta)),
         **{DIGEST: ocp.args.JsonSave(_digest(items, meta))}))
 
-  def save_best(self, step: int, model_vars: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    if self._best is None or step in self._best.all_steps():
+  def save_best(self, step: int, model_vars: Mapping[str, Any], meta: Mapping[str, Any],
+                *, phase: bool = False) -> None:
+    """The best model so far: of the run (`best/`), or with `phase=True` of the current phase
+    (`phase_best/`, what early stopping restores)."""
+    mngr = self._phase_best_manager(create=True) if phase else self._best
+    if mngr is None or step in mngr.all_steps():
       return
     model = _host(model_vars)
-    self._best.save(step, args=ocp.args.Composite(
+    mngr.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(dict(meta)),
         **{DIGEST: ocp.args.JsonSave(_digest({'model': model}, meta))}))
 
@@ -290,8 +304,9 @@ class Checkpointer:
     return None
 
   def restore_model(self, which: str = 'latest', target: Mapping | None = None) -> tuple[dict, dict]:
-    """Model variables and meta for evaluation: from the latest or the best checkpoint."""
-    mngr = self._best if which == 'best' else self._latest
+    """Model variables and meta: from the latest, the best or the phase's best checkpoint."""
+    mngr = {'best': self._best, 'latest': self._latest,
+            'phase_best': self._phase_best_manager(create=False)}[which]
     if mngr is None or mngr.latest_step() is None:
       raise FileNotFoundError(f'no {which} checkpoint under {self.workdir}; train first '
                               f'(python -m tljax.main --config=... --workdir={self.workdir}).')
@@ -355,12 +370,13 @@ class Checkpointer:
     mngr.reload()
     return dst
 
+  def _managers(self) -> list[ocp.CheckpointManager]:
+    return [m for m in (self._latest, self._best, self._phase_best) if m is not None]
+
   def wait(self) -> None:
-    self._latest.wait_until_finished()
-    if self._best is not None:
-      self._best.wait_until_finished()
+    for m in self._managers():
+      m.wait_until_finished()
 
   def close(self) -> None:
-    self._latest.close()
-    if self._best is not None:
-      self._best.close()
+    for m in self._managers():
+      m.close()

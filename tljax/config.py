@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()
   c.augment = default_augment_config()
   # class_weights: 'none', 'balanced' (n / (k * count_c) from the train split) or one weight per
-  # class; the loss is the weighted mean over the batch (torch's CrossEntropyLoss(weight=)).
+  # class as text, '1,4.5,2'; the loss is the weighted mean (torch's CrossEntropyLoss(weight=)).
   c.loss = ml_collections.ConfigDict(dict(kind='softmax', label_smoothing=0.0,
                                           class_weights='none'))
   c.device_cache_mb = 2048   # train split held on every device (host sends indices) if it fits
@@ -243,16 +243,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
   validate_augment_config(c.augment)
 
 
-def _validate_class_weights(w) -> None:
-  if isinstance(w, str):
-    _choice('loss.class_weights', w, ('none', 'balanced'))
-    return
+def parse_class_weights(text: str) -> tuple[float, ...] | str:
+  """'none' / 'balanced' as they are, else the comma-separated weights as floats."""
+  if text in ('none', 'balanced'):
+    return text
   try:
-    values = [float(v) for v in w]
-  except (TypeError, ValueError):
-    _fail('loss.class_weights', w, "use 'none', 'balanced' or a tuple of numbers, one per class")
-  if not values or not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
-    _fail('loss.class_weights', w, 'expected finite weights >= 0, at least one > 0')
+    values = tuple(float(v) for v in text.split(','))
+  except ValueError:
+    _fail('loss.class_weights', text, "use 'none', 'balanced' or one weight per class, e.g. '1,4.5'")
+  if not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+    _fail('loss.class_weights', text, 'expected finite weights >= 0, at least one > 0')
+  return values
+
+
+def _validate_class_weights(w) -> None:
+  if not isinstance(w, str):
+    _fail('loss.class_weights', w, "give text: 'none', 'balanced' or '1,4.5' (one per class)")
+  parse_class_weights(w)
 
 
 def _validate_lr_find(f, phase_names) -> None:

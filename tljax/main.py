@@ -191,7 +191,7 @@ def _run_mode(config) -> None:
     if not config.predict.images:
       _usage("--mode=predict needs --config.predict.images=\"('a.jpg', 'b.jpg')\"")
     sys.exit(predict.run(os.path.join(FLAGS.workdir, 'export'), list(config.predict.images),
-                         config.predict.top_k))
+                         config.predict.top_k, tta=config.eval.tta))
 
 
 class _BackgroundErrors(pylogging.Filter):

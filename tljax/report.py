@@ -255,10 +255,31 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
       lines.append(f'| {name} | ' + ' | '.join(_class_cells(final[s], i) for s in splits) + ' |')
     lines += ['', 'Recall is per-class accuracy (— for a class with no examples); precision '
               'and F1 read 0 for a class never predicted.']
+  lines += _tta_and_calibration_lines(summary)
   notes = summary.get('notes', [])
   if notes:
     lines += [''] + [f'- {n}' for n in notes]
   return '\n'.join(lines) + '\n'
+
+
+def _tta_and_calibration_lines(summary: Mapping[str, Any]) -> list[str]:
+  lines = []
+  tta = summary.get('tta')
+  if tta:
+    parts = [f'{s} {100 * r["accuracy_single_view"]:.2f}% → {100 * r["accuracy"]:.2f}%'
+             for s, r in tta.items() if isinstance(r, dict)]
+    lines += ['', f'Test-time augmentation ({tta["mode"]}, softmax averaged over the views; the '
+              'final results above use it): single view → TTA accuracy: ' + ', '.join(parts) + '.']
+  cal = summary.get('calibration')
+  if cal:
+    parts = [f'{s} ECE {100 * r["ece_before"]:.2f}% → {100 * r["ece_after"]:.2f}%, NLL '
+             f'{r["nll_before"]:.4f} → {r["nll_after"]:.4f}'
+             for s, r in cal.items() if isinstance(r, dict)]
+    why = f' ({cal["kept_1_because"]})' if cal.get('kept_1_because') else ''
+    lines += ['', f'Temperature scaling: T = {cal["temperature"]:.3f} fitted on the validation '
+              f'logits{why}, stored with the export (`tljax.predict` divides logits by it): '
+              + '; '.join(parts) + '.']
+  return lines
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:

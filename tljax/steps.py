@@ -86,6 +86,29 @@ def per_example_loss(logits, labels, kind: str, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, onehot)
 
 
+def soft_target_loss(logits, targets, kind: str, label_smoothing: float = 0.0):
+  """Cross-entropy against mixed (soft) targets: [b, classes] for softmax, [b] for sigmoid;
+  smoothing applies on top of the mix, as it does to one-hot targets."""
+  if kind == 'sigmoid':
+    if label_smoothing:
+      targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing
+    return optax.sigmoid_binary_cross_entropy(logits[:, 0], targets)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def example_weights(labels, targets, class_weights, kind: str):
+  """Each example's weight under `class_weights` (one per class): its label's weight, or the
+  target-weighted mix of weights when its input was mixed."""
+  w = jnp.asarray(class_weights, jnp.float32)
+  if targets is None:
+    return w[labels]
+  if kind == 'sigmoid':
+    return (1 - targets) * w[0] + targets * w[1]
+  return targets @ w
+
+
 def predict_classes(logits, kind: str):
   if kind == 'sigmoid':
     return (logits[:, 0] > 0).astype(jnp.int32)
@@ -118,31 +141,40 @@ def batch_images(batch, cache):
 
 
 # An apply function maps (params, batch_stats, batch, image cache, (input key, dropout key),
-# train) to (logits, new batch_stats or None when BatchNorm does not train). The steps below
-# take one instead of knowing what a batch holds.
+# train) to (logits, new batch_stats or None when BatchNorm does not train), plus, when it mixed
+# its inputs (mixup / cutmix), a third element: the soft targets the loss must use. The steps
+# below take one instead of knowing what a batch holds.
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
 
 
 def on_images(model, transform: Callable, *, bn_train: bool = False,
-              stochastic_backbone: bool = False) -> ApplyFn:
+              stochastic_backbone: bool = False, mix: Callable | None = None) -> ApplyFn:
   """The whole model on a batch of uint8 images, after `transform(key, images)`.
 
   `bn_train`: BatchNorm normalises with (and updates from) batch statistics.
   `stochastic_backbone`: the backbone's drop-connect is on in training steps
   even where its BatchNorm is frozen (otherwise it follows `bn_train`).
+  `mix(key, inputs, labels) -> (inputs, soft targets)`: mixup / cutmix of the
+  transformed training batch (never in evaluation), drawn from its own fold of
+  the input key so the crop and flip draws stay what they were without it.
   """
   def apply(params, batch_stats, batch, cache, keys, train):
     input_key, dropout_key = keys
     inputs = transform(input_key, batch_images(batch, cache))
+    targets = None
+    if mix is not None and train:
+      inputs, targets = mix(jax.random.fold_in(input_key, 2), inputs, batch['label'])
     variables = {'params': params, 'batch_stats': batch_stats}
     rngs = {'dropout': dropout_key} if dropout_key is not None else {}
     stochastic = train if stochastic_backbone else None
     if bn_train:
       logits, updated = model.apply(variables, inputs, train=train, bn_train=True, rngs=rngs,
                                     stochastic=stochastic, mutable=['batch_stats'])
-      return logits, updated.get('batch_stats', batch_stats)
-    return model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs,
-                       stochastic=stochastic), None
+      out = logits, updated.get('batch_stats', batch_stats)
+    else:
+      out = model.apply(variables, inputs, train=train, bn_train=False, rngs=rngs,
+                        stochastic=stochastic), None
+    return out if targets is None else out + (targets,)
   return apply
 
 
@@ -158,15 +190,30 @@ def on_features(model) -> ApplyFn:
 
 def train_step(state: TrainState, batch, cache=None, *, apply_fn: ApplyFn,
                tx: optax.GradientTransformation, param_labels, loss_kind: str,
-               label_smoothing: float):
-  """One optimisation step on one device's shard; call through `parallel`."""
+               label_smoothing: float, class_weights: tuple[float, ...] | None = None):
+  """One optimisation step on one device's shard; call through `parallel`.
+
+  With `class_weights` the loss is the weighted mean sum(w_i l_i) / sum(w_i)
+  over the global batch (torch's `CrossEntropyLoss(weight=...)`): the
+  denominator is averaged over devices, so the device-averaged gradient is
+  that of the global weighted mean whatever each shard's class mix.
+  """
   keys = step_keys(state)
   trainable, frozen = optim.split(state.params, param_labels)
 
   def loss_of(trainable_params):
     params = optim.join(trainable_params, frozen)
-    logits, batch_stats = apply_fn(params, state.batch_stats, batch, cache, keys, True)
-    loss = per_example_loss(logits, batch['label'], loss_kind, label_smoothing).mean()
+    logits, batch_stats, *mixed = apply_fn(params, state.batch_stats, batch, cache, keys, True)
+    targets = mixed[0] if mixed else None
+    if targets is None:
+      losses = per_example_loss(logits, batch['label'], loss_kind, label_smoothing)
+    else:
+      losses = soft_target_loss(logits, targets, loss_kind, label_smoothing)
+    if class_weights is None:
+      loss = losses.mean()
+    else:
+      w = example_weights(batch['label'], targets, class_weights, loss_kind)
+      loss = jnp.sum(w * losses) / jnp.maximum(jax.lax.pmean(jnp.sum(w), AXIS), 1e-12)
     return loss, (logits, batch_stats)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
@@ -229,7 +276,7 @@ def predicted_probability(logits, kind: str):
 
 def eval_step(state: TrainState, batch, *, apply_fn: ApplyFn, loss_kind: str):
   """Per-example outputs; the host masks padding so each example counts once."""
-  logits, _ = apply_fn(state.params, state.batch_stats, batch, None, (None, None), False)
+  logits = apply_fn(state.params, state.batch_stats, batch, None, (None, None), False)[0]
   return {'pred': predict_classes(logits, loss_kind),
           'top5': top_k_correct(logits, batch['label'], loss_kind),
           'loss': per_example_loss(logits, batch['label'], loss_kind),
@@ -273,12 +320,13 @@ def bn_stats_step(state: TrainState, batch, *, model, transform: Callable):
 
 def build_steps(*, train_apply: ApplyFn | None = None, eval_apply: ApplyFn | None = None,
                 tx=None, param_labels=None, loss_kind='softmax', label_smoothing=0.0,
-                donate=True, devices=None) -> dict[str, Callable]:
+                class_weights=None, donate=True, devices=None) -> dict[str, Callable]:
   """'train' and 'train_chunk' (with `train_apply`), 'eval' (with `eval_apply`), device-parallel."""
   fns = {}
   if train_apply is not None:
     kw = dict(apply_fn=train_apply, tx=tx, param_labels=param_labels, loss_kind=loss_kind,
-              label_smoothing=label_smoothing)
+              label_smoothing=label_smoothing,
+              class_weights=None if class_weights is None else tuple(map(float, class_weights)))
     fns['train'] = parallel(functools.partial(train_step, **kw), donate_state=donate,
                             devices=devices)
     fns['train_chunk'] = parallel(functools.partial(train_chunk, **kw), donate_state=donate,

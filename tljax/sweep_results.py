@@ -27,7 +27,7 @@ from tljax import report, stats
 
 STATUS_FILE = 'sweep_run.json'
 METRICS = (('accuracy', 'acc'), ('balanced_accuracy', 'bal. acc'), ('macro_f1', 'macro-F1'),
-           ('ece', 'ECE'))
+           ('ece', 'ECE'), ('ece_after_temperature', 'ECE after T'))
 
 
 def read_status(run_dir: str) -> dict:
@@ -75,10 +75,15 @@ def run_record(run, directory: str, sweep) -> dict[str, Any]:
     record['phases'].append({'name': p['name'], **{
         split: _scalars(p[split]) for split in ('val', 'test') if p.get(split)}})
   final = summary.get('final', {})
+  calibrated = summary.get('calibration', {})
   for split in ('val', 'test'):
     if final.get(split):
       record[split] = _scalars(final[split])
       record[f'{split}_accuracy'] = final[split].get('accuracy')
+      if split in calibrated:
+        record[split]['ece_after_temperature'] = calibrated[split]['ece_after']
+  if calibrated:
+    record['temperature'] = calibrated['temperature']
   return record
 
 

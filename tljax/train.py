@@ -141,7 +141,7 @@ class _Run:
 
   def __init__(self, config, workdir: str, preemption: Preemption | None = None):
     from tljax.data import augment, batching
-    self.config, self.workdir, self.batching = config, workdir, batching
+    self.config, self.workdir, self.batching, self.augment = config, workdir, batching, augment
     self.preemption = preemption or Preemption()
     n_dev = jax.local_device_count() * jax.process_count()
     self.eval_bs = config.eval_batch_size or config.batch_size
@@ -160,8 +160,9 @@ class _Run:
     self.preemption.check()
     self.train_split = self.splits['train']
     self.class_names = list(self.train_split.class_names)
-    self.model = components.create_model(
-        config, components.num_outputs(config, len(self.class_names)))
+    self.num_outputs = components.num_outputs(config, len(self.class_names))
+    self.model = components.create_model(config, self.num_outputs)
+    self.class_weights = class_weights(config.loss.class_weights, self.train_split)
     init_key = jax.random.fold_in(steps.wrap_key(steps.make_key(config.seed)), 0x1417)
     self.variables, self.not_loaded = components.init_variables(config, self.model, init_key,
                                                                 pp.input_size, pretrained)
@@ -251,13 +252,16 @@ class _Run:
     for epoch in range(pos.epoch, phase.epochs):
       rstate = self._train_epoch(ph, rstate, pos, epoch)
       rstate = self._end_epoch(ph, rstate, pos, epoch)
+      if pos.epoch >= phase.epochs:   # early stopping ends the phase by moving pos.epoch there
+        break
     return steps.unreplicate(rstate)
 
   def _setup_phase(self, index: int, phase, state: TrainState, pos: Position,
-                   resuming: bool) -> _Phase:
+                   resuming: bool, lr=None) -> _Phase:
+    """`lr`: a schedule over updates replacing the phase's own (the LR finder's sweep)."""
     config = self.config
     param_labels = optim.param_labels(state.params, phase.trainable, self.blocks)
-    tx = optim.make_optimizer(phase, param_labels, self.spe)
+    tx = optim.make_optimizer(phase, param_labels, self.spe, lr=lr)
     counts = optim.count(state.params, param_labels)
     if not resuming:
       pos.phase, pos.epoch, pos.step_in_epoch, pos.window = index, 0, 0, {}
@@ -273,11 +277,13 @@ class _Run:
     else:
       train_apply = steps.on_images(
           self.model, self._train_transform(phase), bn_train=optim.bn_train(phase),
-          stochastic_backbone=optim.stochastic_backbone(phase, param_labels))
+          stochastic_backbone=optim.stochastic_backbone(phase, param_labels),
+          mix=self._mix if phase.augment and self.augment.mixing_enabled(config.augment) else None)
       eval_apply = None
     fns = steps.build_steps(train_apply=train_apply, eval_apply=eval_apply, tx=tx,
                             param_labels=param_labels, loss_kind=config.loss.kind,
-                            label_smoothing=config.loss.label_smoothing)
+                            label_smoothing=config.loss.label_smoothing,
+                            class_weights=self.class_weights)
     backbone_fns = steps.build_backbone_steps(self.model, self._train_transform(phase),
                                               pool=config.model.head.pool in ('avg', 'max'))
     done_epochs = sum(p.epochs for p in config.phases[:index])
@@ -288,11 +294,16 @@ class _Run:
                   first_step=done_epochs * self.spe, data_epoch0=done_epochs,
                   features={} if cached else None)
 
+  def _mix(self, key, inputs, labels):
+    """Mixup / CutMix of a transformed training batch; soft targets for the loss."""
+    return self.augment.mix_batch(key, inputs, labels, self.num_outputs, self.config.augment)
+
   def _train_transform(self, phase):
     return self.aug_tf if phase.augment else (lambda key, x: self.eval_tf(x))
 
   def _can_cache(self, phase, param_labels) -> bool:
-    reason = feature_cache.eligible(phase, self.variables['params'], param_labels, self.splits)
+    reason = feature_cache.eligible(phase, self.variables['params'], param_labels, self.splits,
+                                    augment_cfg=self.config.augment)
     if reason is None:
       pool = self.config.model.head.pool in ('avg', 'max')
       views = max(1, phase.cache_views) if phase.augment else 1
@@ -317,7 +328,7 @@ class _Run:
     on_device = ph.features is None and self._device_cache() is not None
     batches = self.batching.train_batches(self.train_split, config.batch_size, seed=config.seed,
                                           epoch=data_epoch, start_step=start,
-                                          with_images=not on_device)
+                                          with_images=not on_device, sampler=config.data.sampler)
     if ph.features is not None:
       views = ph.features['train']
       batches = feature_cache.with_features(batches, views[data_epoch % len(views)])
@@ -395,7 +406,7 @@ class _Run:
     shown = window.take(step)
     self.reporter.log({'kind': 'train', 'step': step, 'phase': ph.config.name,
                        'epoch': data_epoch + (step - epoch_start) / self.spe,
-                       'lr': float(optim.schedule(ph.config, self.spe)(step - ph.first_step)),
+                       'lr': optim.lr_at(ph.config, self.spe, step - ph.first_step),
                        **shown})
     if bad is not None and bad <= step:
       self._diverged(ph, bad)
@@ -420,13 +431,22 @@ class _Run:
                                 data_epoch)
     last = epoch + 1 == phase.epochs
     if last or (epoch + 1) % config.eval.every_epochs == 0:
-      val = self._evaluate(ph.eval_fn, rstate, 'val', ph.features)
+      evaluated = _ema_view(phase, rstate)
+      val = self._evaluate(ph.eval_fn, evaluated, 'val', ph.features)
       self.reporter.log({'kind': 'val', 'step': pos.step, 'phase': phase.name,
                          'epoch': data_epoch + 1, **evaluate.scalars(val)})
       if val['accuracy'] > pos.best_val and self.ckpt:
         pos.best_val = val['accuracy']
-        self.ckpt.save_best(pos.step, _model_vars(rstate), {**pos.to_json(), 'val': val['accuracy']})
+        self.ckpt.save_best(pos.step, _model_vars(evaluated),
+                            {**pos.to_json(), 'val': val['accuracy']})
+      if self._early_stop(ph, evaluated, pos, val):
+        last = True
       if last:
+        if phase.ema_decay:   # the phase hands on (and exports) the weights it evaluated
+          rstate = evaluated
+        if ph.record.get('early_stop', {}).get('stopped') and phase.restore_best:
+          rstate = self._restore_phase_best(ph, rstate, pos)
+          val = self._evaluate(ph.eval_fn, rstate, 'val', ph.features)
         ph.record['val'] = val
         if 'test' in self.splits:
           ph.record['test'] = self._evaluate(self.image_eval_fn, rstate, 'test', None)
@@ -437,6 +457,62 @@ class _Run:
     if self.preemption.requested:
       raise Preempted(f'SIGTERM: saved step {pos.step}; re-run the same command to resume.')
     return rstate
+
+  def _early_stop(self, ph: _Phase, rstate, pos: Position, val: dict) -> bool:
+    """Counts evaluations without improvement; True when the phase's patience ran out.
+
+    The count, the best value and its step live in the phase record, which is
+    saved with every checkpoint, so a killed run stops where it would have.
+    The best weights go to `phase_best/` (and memory) for `restore_best`.
+    """
+    from tljax.config import EARLY_STOP_METRICS
+    phase = ph.config
+    if not phase.early_stop_patience:
+      return False
+    state = ph.record.setdefault('early_stop', {'metric': phase.early_stop_metric, 'best': None,
+                                                'best_step': None, 'since': 0, 'stopped': False})
+    value, higher = val[phase.early_stop_metric], EARLY_STOP_METRICS[phase.early_stop_metric]
+    if state['best'] is None or (value > state['best'] if higher else value < state['best']):
+      state.update(best=value, best_step=pos.step, since=0)
+      if phase.restore_best:
+        self._phase_best = (pos.step, _model_vars(rstate))
+        if self.ckpt:
+          self.ckpt.save_best(pos.step, self._phase_best[1], pos.to_json(), phase=True)
+      return False
+    state['since'] += 1
+    if state['since'] < phase.early_stop_patience:
+      return False
+    state['stopped'] = True
+    pos.epoch = phase.epochs
+    msg = (f'[{phase.name}] early stop at step {pos.step}: validation {phase.early_stop_metric} '
+           f'did not improve on {state["best"]:.4f} (step {state["best_step"]}) in '
+           f'{state["since"]} evaluations')
+    self.reporter.log({'kind': 'early_stop', 'step': pos.step, 'phase': phase.name,
+                       'metric': phase.early_stop_metric, 'best': state['best'],
+                       'best_step': state['best_step']})
+    logging.info(msg)
+    print(msg, flush=True)
+    return True
+
+  def _restore_phase_best(self, ph: _Phase, rstate, pos: Position):
+    """The phase's best evaluated weights, from memory or (after a restart) `phase_best/`."""
+    step = ph.record['early_stop']['best_step']
+    saved = getattr(self, '_phase_best', None)
+    if saved is not None and saved[0] == step:
+      model = saved[1]
+    else:
+      self.ckpt.wait()
+      model, meta = self.ckpt.restore_model('phase_best', _model_vars(rstate))
+      if meta.get('step') != step:
+        raise ValueError(f'{self.workdir}/phase_best holds step {meta.get("step")}, not the '
+                         f'best step {step} of phase {ph.config.name!r}; re-run in a fresh '
+                         '--workdir or set restore_best=False.')
+    msg = f'[{ph.config.name}] restored the weights of step {step} (the phase\'s best)'
+    self.reporter.log({'kind': 'restore_best', 'step': pos.step, 'phase': ph.config.name,
+                       'restored_step': step})
+    print(msg, flush=True)
+    return rstate.replace(params=steps.replicate(model['params']),
+                          batch_stats=steps.replicate(model['batch_stats']))
 
   def _precise_bn(self, fn, rstate, n_batches: int, data_epoch: int):
     """Replaces the running BN statistics by their average over `n_batches` train batches.
@@ -522,6 +598,7 @@ class _Run:
                'workdir': self.workdir, 'step': pos.step, 'devices': jax.device_count(),
                'processes': jax.process_count(), 'phases': phases, 'final': final,
                'notes': self.notes}
+    temperature = self._final_evaluation(state, summary)
     if not self.primary:   # every process has the same summary; process 0 writes the files
       return summary
     text = report.write_summary(self.workdir, summary)
@@ -530,10 +607,51 @@ class _Run:
       report.plot_curves(self.workdir)
       for split, m in final.items():
         report.plot_confusion(self.workdir, split, np.asarray(m['confusion']), self.class_names)
-    self._export(state)
+    self._export(state, temperature)
     return summary
 
-  def _export(self, state: TrainState) -> None:
+  def _final_evaluation(self, state: TrainState, summary: dict) -> float | None:
+    """Test-time augmentation and temperature scaling of the final model; returns the temperature.
+
+    With `eval.tta` the final val/test results are those of the averaged views
+    (the single-view accuracy stays in `summary['tta']`, so a run reports its
+    own gain on the same weights). The temperature is fitted on the validation
+    logits and judged on the test split, which it never saw.
+    """
+    config = self.config
+    mode, fit = config.eval.tta, config.eval.temperature_scaling
+    splits = [s for s in ('val', 'test') if s in self.splits and len(self.splits[s])]
+    if not summary['final'] or (mode == 'none' and not fit) or 'val' not in splits:
+      return None
+    rstate = steps.replicate(state)
+    eval_fn = self.image_eval_fn
+    if mode != 'none':
+      from tljax import tta
+      eval_fn = steps.build_steps(
+          eval_apply=tta.on_images(self.model, mode, self.pp.input_size, self.pp, config.loss.kind,
+                                   components.compute_dtype(config)),
+          loss_kind=config.loss.kind)['eval']
+    outputs = {s: evaluate.collect(eval_fn, rstate, self.batching.eval_batches(self.splits[s],
+                                                                              self.eval_bs))
+               for s in splits}
+    if mode != 'none':
+      single = summary['final']
+      summary['final'] = {s: evaluate.metrics(outputs[s], self.class_names) for s in splits}
+      summary['tta'] = {'mode': mode, **{
+          s: {'accuracy_single_view': single[s]['accuracy'],
+              'accuracy': summary['final'][s]['accuracy']} for s in splits if s in single}}
+      self.reporter.log({'kind': 'tta', 'step': summary['step'], 'mode': mode,
+                         **{f'{s}_accuracy': summary['final'][s]['accuracy'] for s in splits}})
+    if not fit:
+      return None
+    summary['calibration'] = calibration_summary(outputs, config.loss.kind)
+    self.reporter.log({'kind': 'calibration', 'step': summary['step'],
+                       'temperature': summary['calibration']['temperature'],
+                       **{f'{s}_ece_{w}': summary['calibration'][s][f'ece_{w}']
+                          for s in splits for w in ('before', 'after')}})
+    return summary['calibration']['temperature']
+
+  def _export(self, state: TrainState, temperature: float | None = None) -> None:
     """A ported-weights directory of the final model, readable by `python -m tljax.predict`."""
     from tljax.porting import weights_io
     head = self.config.model.head.to_dict()
@@ -544,7 +662,8 @@ class _Run:
         {'arch': self.config.model.name, 'source': f'tljax.train {self.workdir}',
          'num_classes': components.num_outputs(self.config, len(self.class_names)),
          'preprocessing': self.pp.to_json(), 'labels': self.class_names, 'head': head,
-         'arch_kw': self.config.model.arch_kw.to_dict()})
+         'arch_kw': self.config.model.arch_kw.to_dict(),
+         **({'temperature': temperature} if temperature is not None else {})})
 
 
 def _stack(chunk: list[dict], length: int) -> dict:
@@ -570,6 +689,51 @@ def _warn_if_config_changed(config, workdir: str) -> None:
            'it with the new config (use a fresh --workdir to start over).')
     logging.warning(msg)
     print('WARNING: ' + msg, flush=True)
+
+
+def class_weights(setting: str, split) -> tuple[float, ...] | None:
+  """`loss.class_weights` as one weight per class ('balanced': n / (k · count), sklearn's rule)."""
+  from tljax.config import parse_class_weights
+  setting = parse_class_weights(setting)
+  if setting == 'none':
+    return None
+  names = list(split.class_names)
+  if setting == 'balanced':
+    if not hasattr(split, 'class_counts'):
+      raise ValueError("loss.class_weights='balanced' needs class counts, which a streamed split "
+                       'does not have; give explicit weights, one per class.')
+    counts = np.asarray(split.class_counts(), np.float64)
+    present = counts > 0
+    w = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    return tuple(float(x) for x in w)
+  if len(setting) != len(names):
+    raise ValueError(f'loss.class_weights has {len(setting)} weights for {len(names)} classes '
+                     f'({", ".join(names)}); give one per class, in that order.')
+  return tuple(float(x) for x in setting)
+
+
+def calibration_summary(outputs: dict, kind: str) -> dict:
+  """Temperature fitted on `outputs['val']`; ECE and NLL before/after on every split given."""
+  from tljax import calibration
+  t, why = calibration.temperature_fit(outputs['val']['logits'], outputs['val']['label'], kind)
+  out = {'temperature': float(t), 'fitted_on': 'val', 'kept_1_because': why}
+  for split, o in outputs.items():
+    correct = o['pred'] == o['label']
+    row = {}
+    for when, scale in (('before', 1.0), ('after', t)):
+      logits = np.asarray(o['logits'], np.float32) / scale
+      confidence = np.asarray(steps.predicted_probability(logits, kind))
+      row[f'ece_{when}'] = evaluate.expected_calibration_error(confidence, correct)
+      row[f'nll_{when}'] = float(np.mean(steps.per_example_loss(logits, o['label'], kind)))
+    out[split] = row
+  return out
+
+
+def _ema_view(phase, rstate):
+  """The state to evaluate: with `ema_decay`, its weights are the optimizer's moving average."""
+  if not phase.ema_decay:
+    return rstate
+  return rstate.replace(params=optim.ema_params(rstate.opt_state))
 
 
 def _model_vars(rstate) -> dict:

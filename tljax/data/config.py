@@ -7,6 +7,7 @@ launch flag fails in a second, not after decoding a dataset.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -38,6 +39,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       examples_per_class=0,      # few-shot: N train examples per class, drawn by seed
       train_fraction=1.0,        # few-shot: stratified fraction of train, drawn by seed
       few_shot_seed=-1,          # -1: the draw follows the run seed; >= 0 fixes it across seeds
+      imbalance_ratio=1.0,       # >1: train counts long-tailed by class index, first/last = ratio
       cache_budget_mb=4096.0,    # decoded uint8 cache limit; above it, stream with tf.data
       num_classes=4,             # synthetic
       num_train=256,             # synthetic
@@ -111,6 +113,8 @@ def validate_data_config(cfg) -> None:
   for field in ('max_per_class', 'examples_per_class', 'num_test', 'decode_threads'):
     if cfg[field] < 0:
       _fail(field, cfg[field], 'expected >= 0 (0 = off/all/default)')
+  if not (math.isfinite(cfg.imbalance_ratio) and cfg.imbalance_ratio >= 1.0):
+    _fail('imbalance_ratio', cfg.imbalance_ratio, 'expected a finite ratio >= 1 (1 = as drawn)')
   if cfg.few_shot_seed < -1:
     _fail('few_shot_seed', cfg.few_shot_seed, 'expected -1 (follow the run seed) or a seed >= 0')
   if cfg.examples_per_class and cfg.train_fraction < 1.0:

@@ -159,13 +159,15 @@ def load_splits(data_cfg, *, load_size: int, seed: int, preprocessing=None,
     splits = _tfds(cfg, load_size, geometry, resample)
   class_names = splits['train'].class_names
   check_coverage(splits, class_names)
-  if cfg.examples_per_class or cfg.train_fraction < 1.0:
+  if cfg.examples_per_class or cfg.train_fraction < 1.0 or cfg.imbalance_ratio != 1.0:
     if isinstance(splits['train'], StreamingSplit):
-      raise ValueError('examples_per_class/train_fraction need the decoded cache; the train split '
-                       'is streamed. Raise data.cache_budget_mb or lower the load size.')
+      raise ValueError('examples_per_class/train_fraction/imbalance_ratio need the decoded cache; '
+                       'the train split is streamed. Raise data.cache_budget_mb or lower the load '
+                       'size.')
     splits['train'] = few_shot(splits['train'], examples_per_class=cfg.examples_per_class,
                                train_fraction=cfg.train_fraction,
-                               seed=seed if cfg.few_shot_seed < 0 else cfg.few_shot_seed)
+                               seed=seed if cfg.few_shot_seed < 0 else cfg.few_shot_seed,
+                               imbalance_ratio=cfg.imbalance_ratio)
   ordered = {k: splits[k] for k in ('train', 'val', 'test') if k in splits}
   warn_cross_split(ordered, _inspect_args(cfg), threads=default_threads(cfg))
   log.info('data (%s, %dpx, %s):\n%s', cfg.source, load_size, geometry, summarize(ordered))

@@ -93,9 +93,17 @@ def stratified_carve(labels: np.ndarray, fractions: dict[str, float], seed: int,
           for name, parts in out.items()}
 
 
-def few_shot(split: Split, *, examples_per_class: int, train_fraction: float, seed: int) -> Split:
-  """Subsamples train per class, deterministic by `seed` (the ablation controls)."""
-  if not examples_per_class and train_fraction >= 1.0:
+def few_shot(split: Split, *, examples_per_class: int, train_fraction: float, seed: int,
+             imbalance_ratio: float = 1.0) -> Split:
+  """Subsamples train per class, deterministic by `seed` (the ablation controls).
+
+  `imbalance_ratio` ρ > 1 makes the kept counts long-tailed by class index:
+  class c keeps its share × ρ^(−c/(k−1)) (at least one), so the first class
+  has ρ times the examples of the last (the CIFAR-LT construction), a
+  controlled imbalance for measuring what class weights or a balanced sampler
+  buy.
+  """
+  if not examples_per_class and train_fraction >= 1.0 and imbalance_ratio == 1.0:
     return split
   rng = np.random.default_rng([seed, 0xF5])
   keep = []
@@ -109,6 +117,9 @@ def few_shot(split: Split, *, examples_per_class: int, train_fraction: float, se
                     'using all of them', split.class_names[c], len(idx), k)
     else:
       k = max(1, int(round(train_fraction * len(idx))))
+    k = min(k, len(idx))
+    if imbalance_ratio != 1.0 and split.num_classes > 1:
+      k = max(1, int(round(k * imbalance_ratio ** (-c / (split.num_classes - 1)))))
     keep.append(idx[:k])
   return split.take(np.sort(np.concatenate(keep)))
 
