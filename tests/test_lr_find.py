@@ -102,8 +102,9 @@ def test_sweep_lrs_are_exponential_from_start_to_end():
                                      warmup_epochs=1.0),
                                 dict(optimizer='adam', accumulate_steps=2)])
 def test_the_sweeps_optimizer_is_the_phases_at_the_sweeps_lr(kw):
-  """Under the sweep, the train loop's `make_optimizer` gives the phase's own updates at a
-  constant lr of the step's sweep value (its schedule and warm-up replaced, nothing else)."""
+  """With the sweep's schedule as `lr` (what `_Run._setup_phase(lr=)` passes on),
+  `make_optimizer` gives the phase's own updates at a constant lr of the step's sweep value
+  (its schedule and warm-up replaced, nothing else)."""
   params = {'head': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)},
             'backbone': {'kernel': jnp.ones((2, 2))}}
   labels = optim.param_labels(params, 'head')
@@ -111,9 +112,7 @@ def test_the_sweeps_optimizer_is_the_phases_at_the_sweeps_lr(kw):
   k = optim.accumulate_steps(p)
   steps = 4
   lrs = lr_find.sweep_lrs(1e-3, 1.0, steps, k)
-  with lr_find._sweeping(lr_find.exponential_schedule(1e-3, 1.0, steps // k)) as built:
-    tx = optim.make_optimizer(p, labels, 5)
-  assert built == ['x'] and optim.make_optimizer.__name__ == 'make_optimizer'
+  tx = optim.make_optimizer(p, labels, 5, lr=lr_find.exponential_schedule(1e-3, 1.0, steps // k))
   at = lambda lr: optim.make_optimizer(phase(**{**p.to_dict(), 'lr': float(lr),
                                                 'schedule': 'constant', 'warmup_epochs': 0.0}),
                                        labels, 5)

@@ -28,7 +28,6 @@ run is touched, so a sweep can be run before, during or after training.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -195,31 +194,6 @@ def sweep_phase(config) -> tuple[int, Any]:
   raise ValueError(f'lr_find.phase={name!r} names no phase of the config')
 
 
-@contextlib.contextmanager
-def _sweeping(lr):
-  """While active, the train loop's `optim.make_optimizer` builds the phase with lr `lr`, an
-  optax schedule over the update count (`make_optimizer(..., lr=)`).
-
-  `_Run._setup_phase` then builds the phase's steps exactly as training does
-  (apply function, loss options, feature cache, accumulation) around the
-  sweep's optimizer, instead of this module keeping a copy of that code.
-  Yields the names of the phases built, so the caller can check the swap
-  took effect.
-  """
-  from tljax import optim
-  original, built = optim.make_optimizer, []
-
-  def make(phase, labels, steps_per_epoch, **kw):
-    built.append(phase.name)
-    return original(phase, labels, steps_per_epoch, lr=lr)
-
-  optim.make_optimizer = make
-  try:
-    yield built
-  finally:
-    optim.make_optimizer = original
-
-
 class _Sweep:
   """One sweep: the run's `_Run` (data, model, initial weights) in `out_dir`, one phase."""
 
@@ -245,11 +219,7 @@ class _Sweep:
                              batch_stats=run.variables['batch_stats'], opt_state=None,
                              step=np.zeros((), np.int32), rng=steps.make_key(self.config.seed))
     pos = train.Position()
-    with _sweeping(schedule) as built:
-      ph = run._setup_phase(self.index, phase, state, pos, resuming=False)
-    if built != [phase.name]:
-      raise RuntimeError('lr_find: the train loop no longer builds its optimizer through '
-                         'tljax.optim.make_optimizer, so the sweep cannot set its learning rate')
+    ph = run._setup_phase(self.index, phase, state, pos, resuming=False, lr=schedule)
     # The phase's first step as training numbers it: the same data order and random draws.
     pos.step = ph.first_step
     state = state.replace(opt_state=ph.tx.init(state.params),
