@@ -14,30 +14,15 @@ import pytest
 from tljax import models, optim, steps
 from tljax.checkpoint import Checkpointer
 from tljax.config import phase
+from tests.test_train_steps import fast_variables
 
 SHAPE = (1, 16, 16, 3)
-
-
-def _random_variables(model, seed=0):
-  """He-scaled random variables from shapes alone (no compiled init)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(SHAPE))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      return (rng.standard_normal(s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))).astype(s.dtype)
-    if name in ('scale', 'var'):
-      return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
-    return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 
 
 @pytest.fixture(scope='module')
 def cnn():
   model = models.create('simple_cnn_tiny', 3, head=dict(hidden=(8,), dropout=0.0))
-  variables = _random_variables(model)
+  variables = fast_variables(model, SHAPE)
   return model, variables, optim.backbone_blocks(model, variables['params'], SHAPE)
 
 
