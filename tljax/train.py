@@ -183,6 +183,7 @@ class _Run:
     self.ckpt = (Checkpointer(workdir, keep=config.checkpoint.keep, best=config.checkpoint.best)
                  if config.checkpoint.enabled else None)
     self.last_saved = None
+    self._phase_best = None     # (step, host variables) of the phase's best evaluation
     self.notes = []
     if self.not_loaded:
       self.notes.append(f'pretrained: {len(self.not_loaded)} leaves not loaded (fresh init): '
@@ -444,7 +445,8 @@ class _Run:
       if last:
         if phase.ema_decay:   # the phase hands on (and exports) the weights it evaluated
           rstate = evaluated
-        if ph.record.get('early_stop', {}).get('stopped') and phase.restore_best:
+        stopping = ph.record.get('early_stop')
+        if stopping and phase.restore_best and stopping['best_step'] != pos.step:
           rstate = self._restore_phase_best(ph, rstate, pos)
           val = self._evaluate(ph.eval_fn, rstate, 'val', ph.features)
         ph.record['val'] = val
@@ -463,7 +465,8 @@ class _Run:
 
     The count, the best value and its step live in the phase record, which is
     saved with every checkpoint, so a killed run stops where it would have.
-    The best weights go to `phase_best/` (and memory) for `restore_best`.
+    The best weights go to `phase_best/` (and memory) for `restore_best`, which
+    applies when the phase ends on weights other than its best, stopped early or not.
     """
     from tljax.config import EARLY_STOP_METRICS
     phase = ph.config
@@ -497,7 +500,7 @@ class _Run:
   def _restore_phase_best(self, ph: _Phase, rstate, pos: Position):
     """The phase's best evaluated weights, from memory or (after a restart) `phase_best/`."""
     step = ph.record['early_stop']['best_step']
-    saved = getattr(self, '_phase_best', None)
+    saved = self._phase_best
     if saved is not None and saved[0] == step:
       model = saved[1]
     else:
