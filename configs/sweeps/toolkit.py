@@ -2,7 +2,13 @@ r"""What each small-data tool buys, on the demo recipe (real EfficientNet-Lite0,
 
   python -m tljax.sweep --config=configs/default.py --sweep=configs/sweeps/toolkit.py:imbalance \
       --workdir=workdirs/toolkit_imbalance --workers=2
-  (likewise :tta and :ema; :tiny-sized runs for tests come from configs/default.py:tiny)
+  python -m tljax.sweep --config=configs/default.py --sweep=configs/sweeps/toolkit.py:tta \
+      --workdir=workdirs/toolkit_tta --workers=2
+  python -m tljax.sweep --config=configs/default.py --sweep=configs/sweeps/toolkit.py:ema \
+      --workdir=workdirs/toolkit_ema --workers=2
+  python -m tljax.sweep --config=configs/default.py:tiny --sweep=configs/sweeps/toolkit.py:tta \
+      --workdir=/tmp/toolkit_tiny --seeds=1                                # test mode
+  python experiments/toolkit_report.py --sweep_dir=workdirs/toolkit_imbalance --rare=3
 
   imbalance  20 images per class drawn, then long-tailed by class index with ratio 10
              (20, 15, 12, 9, 7, 6, 4, 3, 3, 2 per class): plain loss vs
