@@ -121,3 +121,13 @@ def test_separable_split_keeps_t_one_instead_of_the_search_bound():
   t, reason = calibration.temperature_fit(logits, labels)
   assert t == 1.0 and 'no finite temperature' in reason
   assert calibration.fit_temperature(logits, labels) == 1.0
+
+
+def test_logits_worse_than_uniform_keep_t_one_and_say_so():
+  """Every prediction confidently wrong: the NLL falls as T → ∞ (towards uniform)."""
+  labels = np.arange(60) % 3
+  logits = np.eye(3)[(labels + 1) % 3] * 5.0
+  t, reason = calibration.temperature_fit(logits, labels)
+  assert t == 1.0 and 'no better than uniform' in reason, reason
+  _, reason = calibration.temperature_fit(np.eye(3)[labels] * 5.0, labels)
+  assert 'right with a margin' in reason, reason

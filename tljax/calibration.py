@@ -111,9 +111,10 @@ def temperature_fit(logits, labels, kind: str = 'softmax') -> tuple[float, str |
   values = [f(g) for g in grid]
   best = int(np.argmin(values))
   if best in (0, _GRID - 1):
-    edge = 'sharpening' if best == 0 else 'flattening'
-    return 1.0, (f'the NLL keeps falling toward T = {math.exp(grid[best]):g} ({edge} without limit'
-                 '; e.g. every validation prediction is right with a margin): no finite '
+    why = ('sharpening without limit: every validation prediction is right with a margin'
+           if best == 0 else 'flattening without limit: the logits do no better than uniform '
+           'probabilities on the validation split')
+    return 1.0, (f'the NLL keeps falling toward T = {math.exp(grid[best]):g} ({why}): no finite '
                  'temperature minimises it; T = 1 kept')
   log_t = _golden(f, grid[best - 1], grid[best + 1], TOLERANCE)
   return math.exp(log_t), None
