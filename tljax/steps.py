@@ -75,19 +75,13 @@ def unreplicate(tree):
 
 def per_example_loss(logits, labels, kind: str, label_smoothing: float = 0.0):
   """Softmax CE (optionally smoothed) or binary sigmoid CE for a 1-logit head."""
-  if kind == 'sigmoid':
-    targets = labels.astype(jnp.float32)
-    if label_smoothing:
-      targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing
-    return optax.sigmoid_binary_cross_entropy(logits[:, 0], targets)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1])
-  if label_smoothing:
-    onehot = optax.smooth_labels(onehot, label_smoothing)
-  return optax.softmax_cross_entropy(logits, onehot)
+  targets = (labels.astype(jnp.float32) if kind == 'sigmoid' else
+             jax.nn.one_hot(labels, logits.shape[-1]))
+  return soft_target_loss(logits, targets, kind, label_smoothing)
 
 
 def soft_target_loss(logits, targets, kind: str, label_smoothing: float = 0.0):
-  """Cross-entropy against mixed (soft) targets: [b, classes] for softmax, [b] for sigmoid;
+  """Cross-entropy against (possibly mixed) targets: [b, classes] for softmax, [b] for sigmoid;
   smoothing applies on top of the mix, as it does to one-hot targets."""
   if kind == 'sigmoid':
     if label_smoothing:
