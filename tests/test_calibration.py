@@ -131,3 +131,14 @@ def test_logits_worse_than_uniform_keep_t_one_and_say_so():
   assert t == 1.0 and 'no better than uniform' in reason, reason
   _, reason = calibration.temperature_fit(np.eye(3)[labels] * 5.0, labels)
   assert 'right with a margin' in reason, reason
+
+
+def test_a_given_temperature_is_judged_not_refitted():
+  """The train loop fits T on val and judges the test split at that T."""
+  logits, labels = _synthetic(3.0, n=400)
+  r = calibration.calibration_report(logits, labels, temperature=2.0)
+  assert r['temperature'] == 2.0 and r['reason'] is None
+  assert r['nll_after'] == pytest.approx(calibration._nll(np.asarray(logits, np.float64),
+                                                          labels, 'softmax', 2.0))
+  with pytest.raises(ValueError, match='temperature'):
+    calibration.calibration_report(logits, labels, temperature=0.0)

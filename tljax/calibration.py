@@ -147,18 +147,23 @@ def _confidence_and_correct(logits: np.ndarray, labels: np.ndarray, kind: str):
   return confidence, correct
 
 
-def calibration_report(logits, labels, kind: str = 'softmax', bins: int | None = None
-                       ) -> dict[str, Any]:
+def calibration_report(logits, labels, kind: str = 'softmax', bins: int | None = None,
+                       temperature: float | None = None) -> dict[str, Any]:
   """The fitted temperature and what it does to the split's NLL and ECE.
 
   Returns temperature, reason (None, or why T = 1 was kept), count,
   accuracy (unchanged by T), nll_before/after and ece_before/after; ECE is
   `tljax.evaluate.expected_calibration_error` over the eval step's
-  confidence, so these numbers match the run's own `ece` metric.
+  confidence, so these numbers match the run's own `ece` metric. A given
+  `temperature` (one fitted on another split) is judged here instead of fitted.
   """
   from tljax import evaluate
   bins = evaluate.ECE_BINS if bins is None else bins
-  temperature, reason = temperature_fit(logits, labels, kind)
+  if temperature is None:
+    temperature, reason = temperature_fit(logits, labels, kind)
+  else:
+    apply_temperature(np.zeros(1), temperature)   # the same check as everywhere T is used
+    reason = None
   logits, labels = _check(logits, labels, kind)
   out: dict[str, Any] = {'kind': kind, 'temperature': temperature, 'reason': reason,
                          'count': int(len(labels))}

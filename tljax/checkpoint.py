@@ -156,8 +156,9 @@ def _verify(digest: Mapping[str, Any] | None, meta: Mapping[str, Any],
 
 # ---- orbax's abandoned reads and writes ----
 #
-# A failing array read or write (a corrupt file, a full disk) makes orbax's `asyncio.gather` raise at once while its
-# sibling reads are still in flight, and orbax's `run_sync` then closes the
+# A failing array read or write (a corrupt file, a full disk) makes orbax's
+# `asyncio.gather` raise at once while its sibling reads or writes are still in
+# flight, and orbax's `run_sync` then closes the
 # private event loop it ran on. The siblings complete later, and each way
 # they do prints a report: tensorstore calls `loop.call_soon_threadsafe` on
 # the closed loop and hands the RuntimeError to `PyErr_WriteUnraisable`

@@ -718,18 +718,16 @@ def class_weights(setting: str, split) -> tuple[float, ...] | None:
 def calibration_summary(outputs: dict, kind: str) -> dict:
   """Temperature fitted on `outputs['val']`; ECE and NLL before/after on every split given."""
   from tljax import calibration
-  t, why = calibration.temperature_fit(outputs['val']['logits'], outputs['val']['label'], kind)
-  out = {'temperature': float(t), 'fitted_on': 'val', 'kept_1_because': why}
+  reports = {'val': calibration.calibration_report(outputs['val']['logits'],
+                                                   outputs['val']['label'], kind)}
+  t = reports['val']['temperature']
   for split, o in outputs.items():
-    correct = o['pred'] == o['label']
-    row = {}
-    for when, scale in (('before', 1.0), ('after', t)):
-      logits = np.asarray(o['logits'], np.float32) / scale
-      confidence = np.asarray(steps.predicted_probability(logits, kind))
-      row[f'ece_{when}'] = evaluate.expected_calibration_error(confidence, correct)
-      row[f'nll_{when}'] = float(np.mean(steps.per_example_loss(logits, o['label'], kind)))
-    out[split] = row
-  return out
+    if split != 'val':
+      reports[split] = calibration.calibration_report(o['logits'], o['label'], kind,
+                                                      temperature=t)
+  keys = ('ece_before', 'ece_after', 'nll_before', 'nll_after')
+  return {'temperature': float(t), 'fitted_on': 'val', 'kept_1_because': reports['val']['reason'],
+          **{split: {k: r[k] for k in keys} for split, r in reports.items()}}
 
 
 def _ema_view(phase, rstate):
