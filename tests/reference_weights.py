@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-ROLES = ('kernel', 'bias', 'bn_scale', 'bn_bias', 'bn_mean', 'bn_var', 'int')
+ROLES = ('kernel', 'bias', 'bn_scale', 'bn_bias', 'bn_mean', 'bn_var', 'int', 'ln_scale', 'ln_bias',
+         'embedding', 'layer_scale')
 
 
 def random_array(rng: np.random.Generator, shape: Sequence[int], role: str,
@@ -25,10 +26,12 @@ def random_array(rng: np.random.Generator, shape: Sequence[int], role: str,
     if not fan_in:
       raise ValueError('kernel role needs fan_in')
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-  if role in ('bias', 'bn_bias', 'bn_mean'):
+  if role in ('bias', 'bn_bias', 'bn_mean', 'ln_bias'):
     return (rng.standard_normal(shape) * 0.1).astype(np.float32)
-  if role in ('bn_scale', 'bn_var'):
+  if role in ('bn_scale', 'bn_var', 'ln_scale', 'layer_scale'):
     return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+  if role == 'embedding':
+    return (rng.standard_normal(shape) * 0.5).astype(np.float32)
   if role == 'int':
     return np.zeros(shape, np.int64)
   raise ValueError(f'unknown role {role!r}; expected one of {ROLES}')

@@ -22,12 +22,31 @@ _FAMILIES = {
     'inception': ('inception_v3',),
     'mobilenet_keras': ('mobilenet_v1', 'mobilenet_v2_keras'),
     'efficientnet_lite': tuple(f'efficientnet_lite{i}' for i in range(5)) + ('efficientnet_lite_tiny',),
+    'efficientnet': ('efficientnet_b0', 'efficientnet_tiny'),
+    'vit': ('vit_s_16', 'vit_b_16', 'vit_tiny'),
+    'convnext': ('convnext_tiny', 'convnext_test'),
+}
+# timm's names for the same networks: name → (tljax name, architecture keywords). The keywords
+# carry where timm's network differs from tljax's default (timm's BatchNorm eps is 1e-5).
+# timm's resnet18/34/50, efficientnet_b0 and convnext_tiny already share tljax's names.
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    'mobilenetv3_large_100': ('mobilenet_v3_large', {'bn_eps': 1e-5}),
+    'vit_small_patch16_224': ('vit_s_16', {}),
+    'vit_base_patch16_224': ('vit_b_16', {}),
 }
 _NAME_TO_FAMILY = {name: fam for fam, names in _FAMILIES.items() for name in names}
-NAMES = tuple(_NAME_TO_FAMILY)
+NAMES = tuple(_NAME_TO_FAMILY) + tuple(ALIASES)
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+  """(tljax name, architecture keywords) for a tljax or timm model name."""
+  if name in ALIASES:
+    return ALIASES[name][0], dict(ALIASES[name][1])
+  return name, {}
 
 
 def _family(name: str):
+  name = resolve(name)[0]
   if name not in _NAME_TO_FAMILY:
     raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(NAMES)}.')
   return importlib.import_module(f'tljax.models.{_NAME_TO_FAMILY[name]}')
@@ -44,7 +63,9 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  backbone, head_defaults = _family(name).build(name, dtype=dtype, **arch_kw)
+  family = _family(name)
+  name, alias_kw = resolve(name)
+  backbone, head_defaults = family.build(name, dtype=dtype, **{**alias_kw, **arch_kw})
   unknown = set(head or {}) - {'pool', 'hidden', 'activation', 'dropout'}
   if unknown:
     raise ValueError(f'Unknown head options {sorted(unknown)}; '
@@ -57,4 +78,5 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
 def input_size(name: str, **arch_kw) -> int:
   """Default square input resolution the model was designed (or ported) for."""
   sizes = _family(name).INPUT_SIZES
+  name = resolve(name)[0]
   return sizes[name] if name in sizes else sizes['default']
