@@ -14,6 +14,7 @@ returned by `port`.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Callable, Mapping
 
@@ -50,9 +51,15 @@ def convert_resnet(reader: StateDictReader, arch: str) -> None:
   reader.linear('fc', 'head/logits')
 
 
+# Family modules that bring their own torchvision converters and weight files as
+# `TORCHVISION_CONVERTERS: {arch: convert(reader, arch)}` and `TORCHVISION_CATALOG`.
+_FAMILY_MODULES: tuple[str, ...] = ()
+_FAMILIES = tuple(importlib.import_module(m) for m in _FAMILY_MODULES)
+
 CONVERTERS: dict[str, Callable[[StateDictReader, str], None]] = {
     **{arch: convert_resnet for arch in resnet.SPECS},
     **{arch: torchvision_mobilenet.convert for arch in torchvision_mobilenet.ARCHS},
+    **{arch: fn for m in _FAMILIES for arch, fn in m.TORCHVISION_CONVERTERS.items()},
 }
 ARCHS = tuple(CONVERTERS)
 
@@ -161,4 +168,5 @@ _DEFAULT_VARIANT = {'resnet18': 'IMAGENET1K_V1', 'resnet34': 'IMAGENET1K_V1',
 
 
 CATALOG: dict[str, WeightSpec] = {**torchvision_entries(_RESNET_FILES, _DEFAULT_VARIANT),
-                                   **torchvision_mobilenet.CATALOG_ENTRIES}
+                                   **torchvision_mobilenet.CATALOG_ENTRIES,
+                                   **{k: v for m in _FAMILIES for k, v in m.TORCHVISION_CATALOG.items()}}
