@@ -33,6 +33,7 @@ def phase(name: str, **kw) -> ml_collections.ConfigDict:
       trainable='head',      # tljax.optim.TRAINABLE_GRAMMAR, e.g. 'head+top:2' or 're:^head/'
       optimizer='adam',      # a key of tljax.optim.OPTIMIZERS
       lr=1e-3,
+      lr_decay=1.0,          # <1: layer-wise LR decay, each backbone block's LR = next block's x d
       momentum=0.9,          # sgd; rmsprop when > 0 (Keras RMSprop has none: set 0)
       b1=0.9, b2=0.999,      # adam/adamw
       eps=1e-7,              # Keras' default for Adam/RMSprop
@@ -290,12 +291,14 @@ def _validate_phase(where: str, p) -> None:
   _choice(f'{where}.schedule', p.schedule, optim.SCHEDULES)
   _choice(f'{where}.bn', p.bn, optim.BN_POLICIES)
   _choice(f'{where}.drop_connect', p.drop_connect, optim.DROP_CONNECT_POLICIES)
-  for field in ('lr', 'momentum', 'b1', 'b2', 'eps', 'rmsprop_decay', 'weight_decay',
+  for field in ('lr', 'lr_decay', 'momentum', 'b1', 'b2', 'eps', 'rmsprop_decay', 'weight_decay',
                 'warmup_epochs', 'end_lr_factor', 'grad_clip'):
     if not math.isfinite(float(p[field])):
       _fail(f'{where}.{field}', p[field], 'expected a finite number')
   if not p.lr > 0:
     _fail(f'{where}.lr', p.lr, 'expected > 0')
+  if not 0.0 < p.lr_decay <= 1.0:
+    _fail(f'{where}.lr_decay', p.lr_decay, 'expected 0 < decay <= 1 (1 = off), e.g. 0.75')
   for field in ('weight_decay', 'warmup_epochs', 'grad_clip', 'momentum', 'cache_views',
                 'precise_bn'):
     if p[field] < 0:

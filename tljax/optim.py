@@ -404,8 +404,55 @@ def ema_params(opt_state) -> Any | None:
   return found[0].ema if found else None
 
 
+def lr_scales(labels: Mapping, decay: float, blocks: list[list[str]] | None) -> dict:
+  """Layer-wise LR multipliers shaped like `labels` (= like params): decay ** depth.
+
+  Depth counts backbone blocks (`backbone_blocks`) down from the head: the
+  head is at 0, the last block at 1, the first (stem / patch embedding) at
+  len(blocks). Each block's LR is therefore the next one's times `decay`,
+  the fine-tuning recipe of BEiT and timm for ViTs, and it means the same for
+  CNN blocks. Frozen blocks count too: a block's depth is a property of the
+  network, not of the phase's `trainable` rule.
+  """
+  flat = traverse_util.flatten_dict(dict(labels), sep='/')
+  if decay == 1.0:
+    return traverse_util.unflatten_dict({k: 1.0 for k in flat}, sep='/')
+  if blocks is None:
+    raise ValueError('lr_decay needs the backbone block order; pass blocks=backbone_blocks(...)')
+  depth = {name: len(blocks) - g for g, block in enumerate(blocks) for name in block}
+  scales = {}
+  for k in flat:
+    top, _, rest = k.partition('/')
+    if top == 'head':
+      scales[k] = 1.0
+    elif top == 'backbone' and rest.split('/')[0] in depth:
+      scales[k] = float(decay) ** depth[rest.split('/')[0]]
+    else:
+      raise ValueError(f'lr_decay: parameter {k!r} belongs to no backbone block or head')
+  return traverse_util.unflatten_dict(scales, sep='/')
+
+
+def _scaled(tx: optax.GradientTransformation, scales: Mapping) -> optax.GradientTransformation:
+  """`tx` with each update multiplied by its leaf of `scales` (frozen leaves skipped).
+
+  Scaling after the optimizer scales everything the LR scales (AdamW's
+  decoupled decay included), and wrapping rather than chaining keeps `tx`'s
+  state as it is, so the optimizer state has the same layout with or without
+  `lr_decay`.
+  """
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    scaled = jax.tree.map(
+        lambda s, u: u if isinstance(u, optax.MaskedNode) or s == 1.0 else u * s,
+        scales, updates)
+    return scaled, state
+
+  return optax.GradientTransformation(tx.init, update)
+
+
 def make_optimizer(phase, labels: Mapping, steps_per_epoch: int,
-                   lr: float | optax.Schedule | None = None) -> optax.GradientTransformation:
+                   lr: float | optax.Schedule | None = None,
+                   blocks: list[list[str]] | None = None) -> optax.GradientTransformation:
   """The phase's transformation: trainable leaves optimised, frozen leaves zeroed and stateless.
 
   Decoupled AdamW decays inside the optimizer; the others get L2 decay
@@ -417,7 +464,8 @@ def make_optimizer(phase, labels: Mapping, steps_per_epoch: int,
   accumulator) and the schedule counts updates (`updates_per_epoch`).
   `ema_decay > 0` chains `ema_weights` after everything (`ema_params` reads
   it). `lr`, a float or a schedule over the update count, replaces the
-  phase's schedule (the LR finder sweeps it).
+  phase's schedule (the LR finder sweeps it). `lr_decay < 1` multiplies
+  each leaf's update by `lr_scales` (needs `blocks`).
   """
   k = accumulate_steps(phase)
   if lr is None:
@@ -429,6 +477,9 @@ def make_optimizer(phase, labels: Mapping, steps_per_epoch: int,
     chain.append(optax.masked(optax.add_decayed_weights(phase.weight_decay), _kernel_mask))
   chain.append(_lookup(OPTIMIZERS, 'optimizer', phase.optimizer)(phase, lr))
   trainable = optax.chain(*chain)
+  decay = float(getattr(phase, 'lr_decay', 1.0))
+  if decay != 1.0:
+    trainable = _scaled(trainable, lr_scales(labels, decay, blocks))
   if k > 1:
     trainable = optax.MultiSteps(trainable, every_k_schedule=k).gradient_transformation()
   tx = optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)

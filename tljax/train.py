@@ -235,7 +235,7 @@ class _Run:
     """Example trees for restoring a checkpoint written during phase `meta['phase']`."""
     phase = self.config.phases[meta['phase']]
     param_labels = optim.param_labels(self.variables['params'], phase.trainable, self.blocks)
-    tx = optim.make_optimizer(phase, param_labels, self.spe)
+    tx = optim.make_optimizer(phase, param_labels, self.spe, blocks=self.blocks)
     return {'model': {'params': self.variables['params'],
                       'batch_stats': self.variables['batch_stats']},
             'train': {'opt_state': jax.tree.map(np.asarray, tx.init(self.variables['params'])),
@@ -262,7 +262,7 @@ class _Run:
     """`lr`: a schedule over updates replacing the phase's own (the LR finder's sweep)."""
     config = self.config
     param_labels = optim.param_labels(state.params, phase.trainable, self.blocks)
-    tx = optim.make_optimizer(phase, param_labels, self.spe, lr=lr)
+    tx = optim.make_optimizer(phase, param_labels, self.spe, lr=lr, blocks=self.blocks)
     counts = optim.count(state.params, param_labels)
     if not resuming:
       pos.phase, pos.epoch, pos.step_in_epoch, pos.window = index, 0, 0, {}
