@@ -105,9 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Model-name prefix → the test-size model of that family, so a recipe's `:tiny` runs its family's
+# code (a ViT recipe's test mode trains a transformer); others use the small CNN.
+_TINY_MODELS = {'efficientnet': 'efficientnet_lite_tiny', 'vit': 'vit_tiny',
+                'convnext': 'convnext_test'}
+
+
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The test switch: same code path, a tiny model on synthetic data, a few steps."""
-  c.model.name = 'efficientnet_lite_tiny' if c.model.name.startswith('efficientnet') else 'simple_cnn_tiny'
+  c.model.name = _TINY_MODELS.get(c.model.name.split('_')[0].rstrip('0123456789'), 'simple_cnn_tiny')
   c.model.arch_kw = ml_collections.ConfigDict()
   c.model.head.hidden = tuple(min(h, 16) for h in c.model.head.hidden)
   c.input_size = 32
