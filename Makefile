@@ -12,13 +12,13 @@ WORKDIR ?= workdirs/default
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,tfds,hub,demo]'
 	touch $@
 
 $(REF_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(REF_VENV)
 	$(REF_VENV)/bin/pip install -q --upgrade pip
-	$(REF_VENV)/bin/pip install -q -e '.[test,reference]'
+	$(REF_VENV)/bin/pip install -q -e '.[test,tfds,hub,demo,reference]'
 	touch $@
 
 # Zero-shot first (real ImageNet EfficientNet-Lite0 on two real photos), then the demo sweep:

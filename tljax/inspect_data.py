@@ -96,8 +96,8 @@ def _decode_all(jobs, threads: int):
 
 
 def _tfds_jobs(name: str, data_dir: str, splits: list[str] | None):
-  from tljax.data.tfds_source import TfdsSource
-  import tensorflow_datasets as tfds
+  from tljax.data.tfds_source import TfdsSource, import_tfds
+  tfds = import_tfds()
   src = TfdsSource(name, data_dir)
   splits = splits or list(src.builder.info.splits) or ['train']
   jobs = []

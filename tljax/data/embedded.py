@@ -40,7 +40,11 @@ def digits(load_size: int) -> Split:
 
 def lfw(load_size: int) -> Split:
   """skimage's LFW subset: the first 100 images are faces, the next 100 are not."""
-  from skimage.data import lfw_subset
+  try:
+    from skimage.data import lfw_subset
+  except ImportError:
+    raise ValueError(
+        "data.source='lfw' needs scikit-image; run: pip install 'tljax[demo]'") from None
   raw = lfw_subset()
   images = _gray_to_rgb_cache(raw, load_size)
   labels = np.repeat(np.arange(2, dtype=np.int32), len(raw) // 2)

