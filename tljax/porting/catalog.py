@@ -1,6 +1,6 @@
 """Known official weight files: where they live, their checksum, their preprocessing.
 
-Each source module (`tljax.porting.torchvision`, `.keras`, `.efficientnet_lite`)
+Each source module (`tljax.porting.torchvision`, `.keras`, `.efficientnet_lite`, `.timm`)
 owns a `CATALOG: dict[str, WeightSpec]`; this module only looks them up, so a
 source's facts stay next to the code that converts its files.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from tljax.data.preprocess import Preprocessing
 
-SOURCES = ('torchvision', 'keras', 'efficientnet_lite')
+SOURCES = ('torchvision', 'keras', 'efficientnet_lite', 'timm')
 
 
 @dataclasses.dataclass(frozen=True)
