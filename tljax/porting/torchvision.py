@@ -53,7 +53,7 @@ def convert_resnet(reader: StateDictReader, arch: str) -> None:
 
 # Family modules that bring their own torchvision converters and weight files as
 # `TORCHVISION_CONVERTERS: {arch: convert(reader, arch)}` and `TORCHVISION_CATALOG`.
-_FAMILY_MODULES: tuple[str, ...] = ('tljax.porting.vit',)
+_FAMILY_MODULES: tuple[str, ...] = ('tljax.porting.vit', 'tljax.porting.convnext')
 _FAMILIES = tuple(importlib.import_module(m) for m in _FAMILY_MODULES)
 
 CONVERTERS: dict[str, Callable[[StateDictReader, str], None]] = {
