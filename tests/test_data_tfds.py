@@ -1,5 +1,7 @@
 """tfds source through `tfds.testing.mock_data` (no network, no prepared data)."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -68,3 +70,15 @@ def test_unprepared_dataset_error_says_how_to_prepare(tmp_path):
 def test_unknown_tfds_name(tmp_path):
   with pytest.raises(ValueError, match='tfds has no dataset'):
     load_splits(_cfg(tmp_path, name='no_such_dataset_xyz'), load_size=8, seed=0)
+
+
+def test_without_the_tfds_extra_one_line_names_it(tmp_path, monkeypatch, capsys):
+  from tljax import inspect_data
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)   # as in a base install
+  with pytest.raises(ImportError) as err:
+    load_splits(_cfg(tmp_path), load_size=8, seed=0)
+  message = str(err.value)
+  assert "pip install 'tljax[tfds]'" in message and '\n' not in message
+  assert isinstance(err.value, ValueError)                   # so the CLIs print it as one line
+  assert inspect_data.main(['--tfds=tf_flowers', f'--data_dir={tmp_path}']) == 2
+  assert capsys.readouterr().err.strip().endswith("pip install 'tljax[tfds]'")
