@@ -25,6 +25,8 @@ TORCH_MODELS = {
     'mobilenet_v3_large': ('torchvision.mobilenet_v3_large', 'classifier'),
     'inception_v3': ('torchvision.inception_v3', 'fc'),
     'efficientnet_lite0': ('efficientnet_lite_pytorch.efficientnet-lite0', '_fc'),
+    'vit_b_16': ('torchvision.vit_b_16', 'heads'),
+    'convnext_tiny': ('torchvision.convnext_tiny', 'classifier'),
 }
 
 
