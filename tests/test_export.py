@@ -1,0 +1,206 @@
+"""`python -m tljax.export`: the exported artifact computes what `model.apply` computes.
+
+The reference is tljax's own forward pass (`model.apply`, on the default ops
+backend) and `tljax.predict`'s end-to-end pipeline; the export is read back
+only through the standalone loader, which must work with tljax unimportable.
+Weights are seeded random with randomized BatchNorm statistics so a dropped
+or mis-ordered variable cannot hide.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from tljax import export, models
+from tljax.data.preprocess import Preprocessing
+from tljax.porting import weights_io
+
+ARCHS = ('resnet_tiny', 'mobilenet_tiny', 'efficientnet_lite_tiny', 'simple_cnn_tiny')
+TOL = 1e-5
+ERRORS = {}  # (arch, format, batch) -> max abs diff, printed at the end with -s
+
+
+def _loader():
+  path = os.path.join(os.path.dirname(export.__file__), export.LOADER_FILE)
+  spec = importlib.util.spec_from_file_location('export_loader_under_test', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+loader = _loader()
+
+
+def _randomize(variables, seed):
+  """Random BatchNorm statistics and affines, so every variable shows in the logits."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path)
+    if 'var' in name:
+      return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+    if 'mean' in name or 'bias' in name:
+      return jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype)
+    if 'scale' in name:
+      return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def write_weights(directory, arch, num_classes=5, temperature=None, seed=0):
+  size = models.input_size(arch)
+  model = models.create(arch, num_classes)
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
+  variables = _randomize(dict(variables), seed)
+  pp = Preprocessing(input_size=size, resize=size + 8, mean=(120.0, 115.0, 100.0),
+                     std=(60.0, 58.0, 57.0))
+  meta = {'arch': arch, 'source': 'tests', 'num_classes': num_classes,
+          'preprocessing': pp.to_json(), 'labels': [f'label{i}' for i in range(num_classes)],
+          **({'temperature': temperature} if temperature else {})}
+  weights_io.save_weights(str(directory), variables, meta)
+  return model, variables
+
+
+@pytest.fixture(scope='module', params=ARCHS)
+def exported(request, tmp_path_factory):
+  base = tmp_path_factory.mktemp(request.param)
+  model, variables = write_weights(base / 'weights', request.param)
+  doc = export.export(str(base / 'weights'), str(base / 'out'))
+  return request.param, model, variables, base / 'out', doc
+
+
+def test_round_trip_matches_model_apply_at_two_batch_sizes(exported):
+  arch, model, variables, out, doc = exported
+  assert doc['formats']['jax']['platforms'] == ['cpu', 'cuda']
+  assert doc['input']['shape'] == [None, models.input_size(arch), models.input_size(arch), 3]
+  run = loader.load(str(out))
+  size = models.input_size(arch)
+  rng = np.random.default_rng(1)
+  for batch in (1, 3):
+    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    want = np.asarray(model.apply(variables, x, train=False))
+    got = run(x)
+    assert got.shape == want.shape and got.dtype == np.float32
+    err = float(np.abs(got - want).max())
+    ERRORS[(arch, 'jax', batch)] = (err, float(np.abs(want).max()))
+    assert err <= TOL, (arch, batch, err)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """A workdir as training leaves it: the final model in W/export, a fitted temperature."""
+  workdir = tmp_path_factory.mktemp('run')
+  write_weights(workdir / 'export', 'resnet_tiny', num_classes=4, temperature=1.7, seed=3)
+  image = np.random.default_rng(5).integers(0, 256, (45, 61, 4), dtype=np.uint8)
+  image[..., 3] = np.where(np.arange(61) < 30, 255, 90)  # alpha: composited over white
+  Image.fromarray(image, 'RGBA').save(workdir / 'photo.png')
+  assert export.run(str(workdir), None, None) == 0
+  return workdir
+
+
+def test_loader_runs_without_tljax_and_agrees_with_predict(trained_workdir, tmp_path):
+  from tljax import predict
+  out, photo = trained_workdir / 'exported', str(trained_workdir / 'photo.png')
+  copied = str(out / export.LOADER_FILE)
+  script = ("import runpy, sys; sys.modules['tljax'] = None; "  # any `import tljax` now fails
+            f"sys.argv = [{copied!r}, {str(out)!r}, {photo!r}, '--topk=3', '--json']; "
+            f"runpy.run_path({copied!r}, run_name='__main__')")
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  done = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  standalone = json.loads(done.stdout)['results'][0]['predictions']
+
+  predictor = predict.Predictor(*predict.load_for_inference(str(trained_workdir / 'export')))
+  reference = predictor.predict_files([photo], k=3)[0]['predictions']
+  assert [p['index'] for p in standalone] == [p['index'] for p in reference]
+  assert [p['label'] for p in standalone] == [p['label'] for p in reference]
+  np.testing.assert_allclose([p['probability'] for p in standalone],
+                             [p['probability'] for p in reference], atol=1e-5)
+
+  run = loader.load(str(out))
+  x = run.preprocess(photo)
+  np.testing.assert_array_equal(x, predict.prepare(predict.decode_image(photo), predictor.spec))
+  err = float(np.abs(run(x[None]) - predictor.logits(x[None])).max())
+  ERRORS[('resnet_tiny', 'loader vs predict', 1)] = (err, float(np.abs(run(x[None])).max()))
+  assert err <= 1e-4
+  assert run.temperature == 1.7 == json.loads((out / export.SPEC_FILE).read_text())[
+      'output']['temperature']
+
+
+def test_fixed_batch_and_wrong_shapes_are_one_line_errors(trained_workdir, tmp_path):
+  doc = export.export(str(trained_workdir / 'export'), str(tmp_path), batch=2)
+  assert doc['input']['shape'] == [2, 32, 32, 3]
+  run = loader.load(str(tmp_path))
+  assert run(np.zeros((2, 32, 32, 3))).shape == (2, 4)
+  for shape in [(3, 32, 32, 3), (2, 64, 64, 3), (32, 32, 3), (2, 3, 32, 32)]:
+    with pytest.raises(loader.ExportLoadError, match=r'input has shape .* takes float32 2x32x32x3'
+                       ) as e:
+      run(np.zeros(shape, np.float32))
+    assert '\n' not in str(e.value)
+
+
+def test_missing_workdir_and_unfinished_run(tmp_path):
+  with pytest.raises(export.ExportError, match='does not exist; pass the --workdir'):
+    export.find_final_export(str(tmp_path / 'nope'))
+  (tmp_path / 'checkpoints').mkdir()
+  with pytest.raises(export.ExportError, match='has no final export .* finish or resume'):
+    export.find_final_export(str(tmp_path))
+  assert export.run(str(tmp_path), None, None) == 1
+  assert export.run(None, None, None) == 1
+  with pytest.raises(export.ExportError, match='onnx is not supported'):
+    export.parse_formats('jax,onnx')
+  with pytest.raises(export.ExportError, match='--batch must be'):
+    export.parse_batch('0')
+
+
+def test_corrupted_or_missing_model_file(trained_workdir, tmp_path):
+  out = tmp_path / 'copy'
+  export.export(str(trained_workdir / 'export'), str(out))
+  blob = bytearray((out / export.MODEL_FILE).read_bytes())
+  blob[len(blob) // 2] ^= 0xFF
+  (out / export.MODEL_FILE).write_bytes(bytes(blob))
+  with pytest.raises(loader.ExportLoadError, match=r'corrupt or was changed after export '
+                     r'\(sha256 .* re-export') as e:
+    loader.load(str(out))
+  assert '\n' not in str(e.value)
+  (out / export.MODEL_FILE).unlink()
+  with pytest.raises(loader.ExportLoadError, match='model.jax not found'):
+    loader.load(str(out))
+  with pytest.raises(loader.ExportLoadError, match='not a tljax export directory'):
+    loader.load(str(tmp_path))
+
+
+def test_tflite_round_trip(tmp_path):
+  tf = pytest.importorskip('tensorflow', reason='TFLite export needs the tljax[tfds] extra')
+  model, variables = write_weights(tmp_path / 'w', 'simple_cnn_tiny', seed=7)
+  doc = export.export(str(tmp_path / 'w'), str(tmp_path / 'out'), formats=('jax', 'tflite'))
+  interpreter = tf.lite.Interpreter(model_path=str(tmp_path / 'out' / doc['formats']['tflite'][
+      'file']))
+  rng = np.random.default_rng(2)
+  for batch in (1, 3):
+    x = rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp['index'], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp['index'], x)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
+    want = np.asarray(model.apply(variables, x, train=False))
+    err = float(np.abs(got - want).max())
+    ERRORS[('simple_cnn_tiny', 'tflite', batch)] = (err, float(np.abs(want).max()))
+    assert err <= TOL, (batch, err)
+
+
+def test_zz_print_errors():
+  for key, (err, top) in sorted(ERRORS.items()):
+    print(f'{key}: max abs diff {err:.3g}, max|logits| {top:.3g}')
