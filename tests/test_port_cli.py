@@ -161,6 +161,30 @@ def test_list_shows_every_torchvision_file():
   assert 'resnet50:IMAGENET1K_V2' in table and '232 shorter' in table
 
 
+def test_list_shows_the_timm_hub_files():
+  table = port.catalog_table(['timm'])
+  assert 'resnet50:a1_in1k' in table and '235 shorter' in table
+  assert 'https://huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k/resolve/main/' \
+         'model.safetensors' in table
+
+
+def test_timm_through_run_port_and_its_input_errors(tmp_path):
+  with pytest.raises(PortError, match='no such file or directory'):
+    port.run_port('timm', 'resnet18', str(tmp_path / 'w'), input_path=str(tmp_path / 'x'))
+  with pytest.raises(PortError, match='holds neither model.safetensors nor pytorch_model.bin'):
+    port.run_port('timm', 'resnet18', str(tmp_path / 'w'), input_path=str(tmp_path))
+  with pytest.raises(ValueError, match="no timm converter for 'resnet19'"):
+    port.run_port('timm', 'resnet19', str(tmp_path / 'w'), input_path=str(tmp_path))
+  with pytest.raises(ValueError, match='exactly one'):
+    port.run_port('timm', 'resnet18', str(tmp_path / 'w'))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tljax.port', '--source=timm', '--arch=resnet18', '--download',
+       '--url=http://mirror/x', f'--output={tmp_path / "w"}'],
+      capture_output=True, text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode != 0 and 'set HF_ENDPOINT' in proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
 def test_missing_input_and_unknown_arch(tmp_path):
   with pytest.raises(PortError, match='no such file'):
     port.run_port('torchvision', 'resnet18', str(tmp_path), input_path=str(tmp_path / 'x.pth'))

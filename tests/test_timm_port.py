@@ -25,7 +25,7 @@ from tljax.data.preprocess import Preprocessing
 from tljax.porting import catalog, weights_io
 from tljax.porting import timm as timm_port
 from tljax.porting import torchvision as tv
-from tljax.porting.merge import PortError, flatten
+from tljax.porting.merge import PortError, check_and_merge, flatten
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -79,7 +79,7 @@ def test_golden_parity_at_224_and_non_square(arch, tmp_path):
 
 
 def test_equals_torchvision_port_and_config_preprocessing_lands_in_metadata(tmp_path):
-  _, state_dict = fixture('timm', 'resnet18')
+  fx, state_dict = fixture('timm', 'resnet18')
   snap = write_snapshot(tmp_path / 'snap', state_dict, 'resnet18')
   from_file, replaced = timm_port.port(snap, 'resnet18')
   assert replaced == []
@@ -96,12 +96,12 @@ def test_equals_torchvision_port_and_config_preprocessing_lands_in_metadata(tmp_
   assert meta['sha256'] == port.sha256_of(os.path.join(snap, 'model.safetensors'))
   assert meta['url'] == 'https://huggingface.co/timm/resnet18.a1_in1k/resolve/main/model.safetensors'
 
-  # predict reads the ported directory: timm's preprocessing, ImageNet names, the same logits.
+  # predict reads the ported directory: timm's preprocessing, ImageNet names, timm's logits.
   predictor = predict.Predictor(*predict.load_for_inference(str(tmp_path / 'w')))
   assert predictor.spec == pp and predictor.names[0] == 'tench'
-  x = reference_weights.random_inputs(3, (1, 224, 224, 3))
-  direct = np.asarray(jax.jit(models.create('resnet18', 1000).apply)(from_file, x))
-  np.testing.assert_allclose(predictor.logits(x), direct, rtol=1e-5, atol=1e-4)
+  case, ref = fx['inputs'][0], np.asarray(fx['logits'][0], np.float32)
+  y = predictor.logits(reference_weights.random_inputs(case['seed'], case['shape']))
+  assert np.abs(y - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
 def test_directory_file_and_tagged_name_give_the_same_weights(tiny, tmp_path):
@@ -153,6 +153,22 @@ def test_architecture_in_config_must_match_arch(tiny, tmp_path):
     timm_port.from_timm(snap, 'resnet_huge')
 
 
+def test_config_of_a_non_default_network_is_refused(tiny, tmp_path):
+  snap = write_snapshot(tmp_path / 's', tiny, 'resnet_tiny', num_classes=10)
+  config = json.load(open(os.path.join(snap, 'config.json')))
+  config['global_pool'] = 'max'
+  config['model_args'] = {'in_chans': 1, 'global_pool': 'max'}
+  json.dump(config, open(os.path.join(snap, 'config.json'), 'w'))
+  with pytest.raises(PortError, match=r"non-default resnet_tiny: global_pool 'max' \(tljax ports "
+                     r"resnet_tiny with 'avg'\); in_chans 1"):
+    timm_port.from_timm(snap, 'resnet_tiny', num_classes=10)
+  config = hub_config('vit_small_patch16_224')
+  config['model_args'] = {'global_pool': 'token', 'img_size': [384, 384]}
+  json.dump(config, open(os.path.join(snap, 'config.json'), 'w'))
+  with pytest.raises(PortError, match=r'img_size \[384, 384\]'):
+    timm_port.describe(snap, 'vit_small_patch16_224')
+
+
 def test_files_that_are_not_safetensors_truncated_or_oversized(tiny, tmp_path):
   path = tmp_path / 'model.safetensors'
   with open(os.path.join(HERE, 'fixtures', 'torch_pickles', 'resnet_tiny_zip.pth'), 'rb') as f:
@@ -192,6 +208,28 @@ def test_non_float_and_nonfinite_weights_are_refused(tiny, tmp_path):
     timm_port.from_timm(snap, 'resnet_tiny', num_classes=10)
   kept = timm_port.from_timm(snap, 'resnet_tiny', num_classes=10, allow_nonfinite=True)
   assert np.isnan(kept['params']['backbone']['layer1_0']['conv2']['kernel']).sum() == 1
+
+
+def test_training_loads_the_ported_weights_and_their_preprocessing(tiny, tmp_path):
+  from tljax import components
+  from tljax import config as config_lib
+  snap = write_snapshot(tmp_path / 's', tiny, 'resnet_tiny', num_classes=10,
+                        input_size=[3, 32, 32], crop_pct=0.8, interpolation='bilinear')
+  port.run_timm_port('resnet_tiny', str(tmp_path / 'w'), input_path=snap)
+  cfg = config_lib.base_config()
+  cfg.model.name = 'resnet_tiny'
+  cfg.pretrained.source, cfg.pretrained.path = 'dir', str(tmp_path / 'w')
+  pretrained, meta = components.pretrained_weights(cfg)
+  pp = components.preprocessing(cfg, meta)
+  assert (pp.input_size, pp.resize, pp.interpolation) == (32, 40, 'bilinear')
+  model = components.create_model(cfg, 3)
+  # What `components.init_variables` merges into (zeros instead of a compiled random init).
+  variables, not_loaded = check_and_merge(components.zero_variables(cfg, model, 32), pretrained,
+                                          dont_load=cfg.pretrained.dont_load)
+  assert not_loaded == ['params/head/logits/bias', 'params/head/logits/kernel']
+  for k, v in flatten(tv.from_torchvision(tiny, 'resnet_tiny', num_classes=10)).items():
+    if '/head/' not in k:
+      np.testing.assert_array_equal(flatten(variables)[k], v)
 
 
 def test_pretrained_cfg_to_preprocessing():
@@ -273,6 +311,22 @@ def test_download_offline_names_both_urls_and_the_input_command(monkeypatch, tmp
   assert not (tmp_path / 'w').exists()
 
 
+def test_download_of_a_repo_the_hub_lacks_names_it(monkeypatch, tmp_path):
+  class RepositoryNotFoundError(OSError):   # the hub client's name for a 404 repo
+    pass
+
+  def missing(repo_id, filename, **kw):
+    raise RepositoryNotFoundError('404 Client Error')
+
+  fake = type(sys)('huggingface_hub')
+  fake.hf_hub_download = missing
+  monkeypatch.setitem(sys.modules, 'huggingface_hub', fake)
+  with pytest.raises(PortError, match=r'the hub has no timm/resnet18.nope/model.safetensors .*'
+                     r'check the arch and tag'):
+    port.run_timm_port('resnet18.nope', str(tmp_path / 'w'), download=True,
+                       download_dir=str(tmp_path / 'dl'))
+
+
 def test_download_ports_what_the_hub_client_fetched(tiny, monkeypatch, tmp_path):
   def from_hub(repo_id, filename, local_dir):
     assert repo_id == 'timm/resnet_tiny.a1_in1k'
@@ -298,7 +352,7 @@ def _cli(*args, env=None):
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
 
 
-def test_cli_ports_with_a_new_head_and_predict_runs(tmp_path):
+def test_cli_ports_with_a_new_head_and_predict_runs(tmp_path, capsys):
   _, state_dict = fixture('timm', 'resnet18')
   snap = write_snapshot(tmp_path / 'snap', state_dict, 'resnet18')
   out = tmp_path / 'w5'
@@ -321,11 +375,8 @@ def test_cli_ports_with_a_new_head_and_predict_runs(tmp_path):
   from PIL import Image
   image = tmp_path / 'im.png'
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(image)
-  proc = subprocess.run([sys.executable, '-m', 'tljax.predict', f'--weights={out}',
-                         f'--image={image}', '--json'], capture_output=True, text=True, timeout=300,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  assert proc.returncode == 0, proc.stderr
-  result = json.loads(proc.stdout)['results'][0]
+  assert predict.run(str(out), [str(image)], as_json=True) == 0
+  result = json.loads(capsys.readouterr().out)['results'][0]
   assert len(result['predictions']) == 5 and result['predictions'][0]['label'].startswith('class_')
 
 

@@ -138,8 +138,13 @@ def run_port(source: str, arch: str, output: str, *, variant: str = '',
 
   Exactly one of `input_path` (a local file) and `download_url` (usually
   the catalog's `spec.url`) must be given. NaN/inf weights are refused
-  unless `allow_nonfinite`.
+  unless `allow_nonfinite`. timm goes through `run_timm_port` (a directory
+  or file, or the hub; `variant` is the pretrained tag).
   """
+  if source == 'timm':
+    return run_timm_port(f'{arch}.{variant}' if variant else arch, output, input_path=input_path,
+                         download=download_url is not None, num_classes=num_classes,
+                         download_dir=download_dir, check=check, allow_nonfinite=allow_nonfinite)
   spec = catalog.lookup(source, arch, variant)
   if (input_path is None) == (download_url is None):
     raise ValueError('give exactly one of --input=FILE and --download')

@@ -243,7 +243,38 @@ def read_config(path_or_dir: str | os.PathLike, name: str) -> dict | None:
   if theirs and theirs != arch:
     raise PortError(f'{config_path} says architecture {theirs!r} but --arch is {arch!r}; pass '
                     f'--arch={theirs} or point --input at {arch} weights.')
+  _check_model_args(config, arch, config_path)
   return config
+
+
+# timm's default pooling per arch family; tljax's models pool the same way.
+_TOKEN_POOL_ARCHS = ('vit_small_patch16_224', 'vit_base_patch16_224')
+
+
+def _check_model_args(config: Mapping[str, Any], arch: str, where: str) -> None:
+  """Refuses a config.json describing a network other than timm's default `arch`.
+
+  A different pooling, channel count or ViT image size changes tensors or
+  the computation; tljax's port would then fail on key names far from the
+  cause, or (pooling) silently compute something else.
+  """
+  args = config.get('model_args') or {}
+  pool = config.get('global_pool', args.get('global_pool'))
+  expected = 'token' if arch in _TOKEN_POOL_ARCHS else 'avg'
+  problems = []
+  if pool not in (None, expected):
+    problems.append(f'global_pool {pool!r} (tljax ports {arch} with {expected!r})')
+  if args.get('in_chans', 3) != 3:
+    problems.append(f'in_chans {args["in_chans"]} (tljax ports 3-channel RGB networks)')
+  if 'img_size' in args and arch in _TOKEN_POOL_ARCHS:
+    size = args['img_size']
+    size = list(size) if isinstance(size, (list, tuple)) else [size, size]
+    if size != [224, 224]:
+      problems.append(f'img_size {size} (tljax ports {arch} at 224; it resamples position '
+                      'embeddings for other input sizes itself)')
+  if problems:
+    raise PortError(f'{where} describes a non-default {arch}: {"; ".join(problems)}; port a '
+                    f'checkpoint of timm\'s default {arch}.')
 
 
 def describe(path_or_dir: str | os.PathLike, name: str) -> dict[str, Any]:
