@@ -418,3 +418,49 @@ def test_live_parity_with_timm_hub_files(arch, tmp_path):
     print(f'live timm {arch} {h}x{w}: max|dlogits| = {err:.3g} (max|logits| = {scale:.4g}, '
           f'torch {torch.__version__}, timm {timm.__version__})')
     assert err <= 1e-4 * max(1.0, scale)
+
+
+def _randomize_norms_and_biases(model, seed):
+  """timm's init leaves norm affines at 1/0, BN statistics at 0/1 and layer scales at 1e-6,
+  which would hide mapping bugs; every such tensor gets seeded random values."""
+  import torch
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 1.5)
+    for name, p in model.named_parameters():
+      leaf = name.rsplit('.', 1)[-1]
+      if leaf == 'bias':
+        p.normal_(0, 0.1)
+      elif leaf == 'gamma' or (leaf == 'weight' and p.ndim == 1):   # layer scale, norm scales
+        p.uniform_(0.5, 1.5)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize('arch', ('mobilenetv3_large_100', 'efficientnet_b0', 'convnext_tiny',
+                                  'vit_small_patch16_224', 'vit_base_patch16_224'))
+def test_live_from_timm_for_every_family(arch, tmp_path):
+  """Every family's converter behind from_timm, on a real timm model saved by timm's hub writer
+  (model.safetensors + config.json with model_args); parity per family is in its own tests."""
+  import timm
+  from timm.models._hub import save_for_hf
+  sys.path.insert(0, os.path.dirname(HERE))
+  from tools.fixtures_timm_resnet import logits_of
+  if arch not in timm_port.CONVERTERS:
+    pytest.skip(f'no timm converter for {arch} registered yet (_FAMILY_MODULES)')
+  model = timm.create_model(arch, pretrained=False).eval()
+  _randomize_norms_and_biases(model, seed=3)
+  save_for_hf(model, str(tmp_path / 'snap'), safe_serialization=True)
+  variables = timm_port.from_timm(str(tmp_path / 'snap'), arch)
+  pp = timm_port.describe(str(tmp_path / 'snap'), arch)['preprocessing']
+  assert pp == catalog.lookup('timm', arch).preprocessing
+  apply = jax.jit(models.create(arch, 1000).apply)
+  sizes = ((224, 224),) if arch.startswith('vit') else ((224, 224), (193, 257))
+  for i, (h, w) in enumerate(sizes):
+    x = reference_weights.random_inputs(900 + i, (2, h, w, 3))
+    ref, y = logits_of(model, x), np.asarray(apply(variables, x))
+    err, scale = float(np.abs(y - ref).max()), float(np.abs(ref).max())
+    print(f'live timm {arch} {h}x{w}: max|dlogits| = {err:.3g} (max|logits| = {scale:.4g})')
+    assert err <= 1e-4 * max(1.0, scale)
