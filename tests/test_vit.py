@@ -144,26 +144,27 @@ def test_top_2_unfreezes_the_last_two_blocks_and_the_final_norm():
 
 
 def test_bfloat16_compute_is_close_to_float32_with_float32_params():
-  fx, _, variables = tiny()
+  _, _, variables = tiny()
   x = reference_weights.random_inputs(7, (2, 32, 32, 3))
-  f32 = np.asarray(models.create('vit_tiny', 10).apply(variables, x))
+  f32 = np.asarray(jitted_apply('vit_tiny', 10)(variables, x))
   model = models.create('vit_tiny', 10, dtype=jnp.bfloat16)
-  params = model.init(jax.random.key(0), x)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
   assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype('float32')}
-  bf16 = model.apply(variables, x)
+  features = jax.eval_shape(lambda v: model.apply(v, x, method=model.features), variables)
+  assert features.dtype == jnp.bfloat16
+  bf16 = jax.jit(model.apply)(variables, x)
   assert bf16.dtype == jnp.float32
-  assert model.apply(variables, x, method=model.features).dtype == jnp.bfloat16
   err = float(np.abs(np.asarray(bf16) - f32).max())
   assert 0 < err < 0.05 * max(1.0, float(np.abs(f32).max())), err
 
 
 def test_forward_and_gradient_at_other_input_sizes():
   _, _, variables = tiny()
-  model = models.create('vit_tiny', 10, drop_path=0.2)
+  model = models.create('vit_tiny', 10)
+  loss = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
   for shape in ((2, 48, 48, 3), (2, 40, 56, 3)):
-    x = reference_weights.random_inputs(3, shape)
-    loss = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
-    value, grads = jax.value_and_grad(loss)(variables['params'])
+    value, grads = value_and_grad(variables['params'], reference_weights.random_inputs(3, shape))
     assert np.isfinite(value)
     pos = np.asarray(grads['backbone']['embed']['pos_embed'])
     assert np.isfinite(pos).all() and np.abs(pos[0, 1:]).max() > 0, shape
@@ -172,23 +173,33 @@ def test_forward_and_gradient_at_other_input_sizes():
 def test_drop_path_follows_train_and_stochastic():
   _, _, variables = tiny()
   model = models.create('vit_tiny', 10, drop_path=0.5)
-  x = reference_weights.random_inputs(4, (4, 32, 32, 3))
-  rngs = {'dropout': jax.random.key(1)}
-  ref = model.apply(variables, x)
-  np.testing.assert_array_equal(model.apply(variables, x, train=True, stochastic=False, rngs=rngs),
-                                ref)
-  dropped = model.apply(variables, x, train=False, stochastic=True, rngs=rngs)
-  assert np.abs(np.asarray(dropped) - np.asarray(ref)).max() > 1e-3
+  x = reference_weights.random_inputs(4, (2, 32, 32, 3))
+
+  @jax.jit
+  def outputs(v, rng):
+    rngs = {'dropout': rng}
+    return (model.apply(v, x), model.apply(v, x, train=True, stochastic=False, rngs=rngs),
+            model.apply(v, x, train=False, stochastic=True, rngs=rngs))
+
+  ref, kept, dropped = map(np.asarray, outputs(variables, jax.random.key(1)))
+  np.testing.assert_array_equal(kept, ref)
+  assert np.abs(dropped - ref).max() > 1e-3
 
 
 def test_features_are_pooled_and_feed_the_head_directly():
   _, _, variables = tiny()
   model = models.create('vit_tiny', 10)
-  x = reference_weights.random_inputs(5, (3, 32, 32, 3))
-  features = model.apply(variables, x, method=model.features)
-  assert features.shape == (3, 32)
-  np.testing.assert_allclose(model.apply(variables, features, method=model.apply_head),
-                             model.apply(variables, x), rtol=1e-6, atol=1e-6)
+  x = reference_weights.random_inputs(5, (2, 32, 32, 3))
+
+  @jax.jit
+  def outputs(v):
+    features = model.apply(v, x, method=model.features)
+    return features, model.apply(v, features, method=model.apply_head)
+
+  features, logits = outputs(variables)
+  assert features.shape == (2, 32)
+  np.testing.assert_allclose(logits, jitted_apply('vit_tiny', 10)(variables, x), rtol=1e-6,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize('kw, message', [
