@@ -36,7 +36,8 @@ from tljax.porting.merge import PortError, check_and_merge, check_finite, flatte
 from tljax.porting.torchvision import _model_shapes, _with_new_logits, _zeros_like
 
 # Family modules exposing `TIMM_CONVERTERS: {timm arch: convert(reader, arch)}`.
-_FAMILY_MODULES: tuple[str, ...] = ('tljax.porting.timm_cnn', 'tljax.porting.vit')
+_FAMILY_MODULES: tuple[str, ...] = ('tljax.porting.timm_cnn', 'tljax.porting.vit',
+                                    'tljax.porting.convnext')
 
 
 CONVERTERS: dict[str, Callable[[StateDictReader, str], None]] = {
