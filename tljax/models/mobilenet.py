@@ -200,7 +200,17 @@ class MobileNetBackbone(nn.Module):
                   name=f'features_{len(a.blocks) + 1}')(x, train)
 
 
-def build(name: str, dtype=jnp.float32, width_mult: float = 1.0):
-  """`width_mult` scales channels with torchvision's rounding (official weights: 1.0)."""
+def build(name: str, dtype=jnp.float32, width_mult: float = 1.0, bn_eps: float | None = None):
+  """`width_mult` scales channels with torchvision's rounding (official weights: 1.0).
+
+  `bn_eps` overrides the BatchNorm epsilon: timm's `mobilenetv3_large_100` is
+  torchvision's network in every shape and activation, but normalises with
+  PyTorch's default 1e-5 where torchvision's V3 uses 1e-3, and its weights
+  were trained so.
+  """
   spec = arch_spec(name, width_mult)
+  if bn_eps is not None:
+    if not bn_eps > 0:
+      raise ValueError(f'bn_eps must be > 0, got {bn_eps!r}')
+    spec = dataclasses.replace(spec, bn={**spec.bn, 'eps': float(bn_eps)})
   return MobileNetBackbone(spec, dtype=dtype), dict(spec.head)
