@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 REF_PY := $(REF_VENV)/bin/python
 WORKDIR ?= workdirs/default
 
-.PHONY: demo test asan parity fixtures bench clean
+.PHONY: demo test install-check asan parity fixtures bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not reference' tests
+
+# CI only (minutes: downloads and a fresh C++ build): `pip install .` without extras into a fresh
+# venv has no TensorFlow, ports a torchvision file, streams a folder and trains the tiny config.
+install-check: $(VENV)/.installed
+	TLJAX_INSTALL_CHECK=1 $(PY) -m pytest -q -rs tests/test_install.py -k base_install
 
 # The C++ kernels (tljax/cpu_backend/csrc) under AddressSanitizer and UBSan: the shape fuzz
 # and every tiny model's forward and backward (tests/test_native_fuzz.py), on kernels built

@@ -1,9 +1,17 @@
-"""A plain (non-editable) install ships everything the CPU backend builds at run time.
+"""Plain (non-editable) installs work from what they ship and what they pull in.
 
-The wheel is built from a copy of the tracked files, installed into a fresh
-folder, and imported from there (not from this checkout): the C++ kernels and
-the allocator shim must compile from the installed package files, and a
+`test_wheel_install_builds_and_uses_the_cpu_backend`: the wheel is built
+from a copy of the tracked files, installed into a fresh folder, and
+imported from there (not from this checkout): the C++ kernels and the
+allocator shim must compile from the installed package files, and a
 depthwise convolution must run through them.
+
+`test_base_install_has_no_tensorflow_and_trains`: `pip install .` (no
+extras) into a fresh venv from the package registry must leave TensorFlow
+out, and still import tljax, port a torchvision file to the reference
+logits, stream a folder and train the tiny config. It takes minutes
+(downloads, a fresh C++ build), so `make test` skips it and CI runs it as
+`make install-check` (TLJAX_INSTALL_CHECK=1).
 """
 
 import os
@@ -40,17 +48,68 @@ print('ok', tljax.__file__)
 '''
 
 
+BASE_PROBE = '''
+import os, sys
+import numpy as np
+import jax
+import tljax
+from tljax import models
+from tljax.data.streaming import folder_stream
+from tljax.data.tfds_source import TfdsSource
+from tljax.porting import from_torchvision
+import reference_weights
+
+venv, src = sys.argv[1], sys.argv[2]
+assert tljax.__file__.startswith(venv), tljax.__file__
+fixtures = os.path.join(src, 'tests', 'fixtures')
+fixture = reference_weights.load_fixture(os.path.join(fixtures, 'torchvision', 'resnet_tiny.json'))
+variables = from_torchvision(os.path.join(fixtures, 'torch_pickles', 'resnet_tiny_zip.pth'),
+                             'resnet_tiny', num_classes=10)
+case, ref = fixture['inputs'][1], np.asarray(fixture['logits'][1])
+y = np.asarray(models.create('resnet_tiny', 10).apply(
+    variables, reference_weights.random_inputs(case['seed'], case['shape'])))
+err = float(np.abs(y - ref).max())
+assert err <= 1e-4 * max(1.0, float(np.abs(ref).max())), err
+
+from PIL import Image
+paths = []
+for i in range(5):
+  paths.append(os.path.join(os.getcwd(), f'{i}.png'))
+  Image.new('RGB', (9, 7), (i, 2 * i, 3)).save(paths[-1])
+split = folder_stream(paths, np.arange(5) % 2, ['a', 'b'], load_size=8, geometry='shorter',
+                      name='train', threads=2)
+got = [im[:, 0, 0, 0].tolist()
+       for im, _ in split.batches(2, shuffle_seed=None, drop_remainder=False)]
+assert got == [[0, 1], [2, 3], [4]], got
+
+try:
+  TfdsSource('mnist', '')
+except ImportError as e:
+  assert "pip install 'tljax[tfds]'" in str(e) and '\\n' not in str(e), str(e)
+else:
+  raise AssertionError('the tfds source opened without tensorflow-datasets')
+assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]
+print('ok', err)
+'''
+
+
+def _copy_tracked(dest) -> list[str]:
+  """The tracked files only: an install must not depend on what lies around the checkout."""
+  files = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+  for name in files:
+    if os.path.isfile(os.path.join(ROOT, name)):
+      (dest / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(os.path.join(ROOT, name), dest / name)
+  return files
+
+
 @pytest.mark.slow
 def test_wheel_install_builds_and_uses_the_cpu_backend(tmp_path):
   if shutil.which('c++') is None and shutil.which('g++') is None:
     pytest.skip('no C++ compiler')
   src = tmp_path / 'src'
-  files = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.split()
-  for name in files:
-    if os.path.isfile(os.path.join(ROOT, name)):
-      (src / name).parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy2(os.path.join(ROOT, name), src / name)
+  files = _copy_tracked(src)
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation',
                   '-w', str(tmp_path / 'dist'), str(src)], check=True, capture_output=True)
   wheel, = (tmp_path / 'dist').glob('tljax-*.whl')
@@ -69,3 +128,39 @@ def test_wheel_install_builds_and_uses_the_cpu_backend(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr
   assert 'ok' in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TLJAX_INSTALL_CHECK') != '1',
+                    reason='minutes of downloads and builds: run by `make install-check` (CI)')
+def test_base_install_has_no_tensorflow_and_trains(tmp_path):
+  src, venv = tmp_path / 'src', tmp_path / 'venv'
+  _copy_tracked(src)
+  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+  py = str(venv / 'bin' / 'python')
+  out = subprocess.run([py, '-m', 'pip', 'install', '-q', str(src)], capture_output=True,
+                       text=True, timeout=1800)
+  assert out.returncode == 0, out.stdout + out.stderr
+  listed = subprocess.run([py, '-m', 'pip', 'list', '--format=freeze'], capture_output=True,
+                          text=True, check=True).stdout.lower().split()
+  assert not [p for p in listed if p.startswith(('tensorflow', 'tf-', 'tf_'))], listed
+  for module in ('tensorflow', 'tensorflow_datasets'):
+    out = subprocess.run([py, '-c', f'import {module}'], capture_output=True, text=True)
+    assert out.returncode != 0 and 'ModuleNotFoundError' in out.stderr, out.stderr
+
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('TLJAX_', 'XLA_FLAGS', 'PYTHONPATH'))}
+  env.update(PYTHONPATH=str(src / 'tests'), TLJAX_CACHE_DIR=str(tmp_path / 'cache'))
+  work = tmp_path / 'work'
+  work.mkdir()
+  out = subprocess.run([py, '-c', BASE_PROBE, str(venv), str(src)], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0 and 'ok' in out.stdout, out.stdout + out.stderr
+
+  env.pop('PYTHONPATH')
+  run = tmp_path / 'run'
+  out = subprocess.run([py, '-m', 'tljax.main', f'--config={src}/configs/default.py:tiny',
+                        f'--workdir={run}'], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=1200)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert (run / 'summary.json').is_file() and (run / 'export').is_dir()
