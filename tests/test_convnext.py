@@ -104,7 +104,8 @@ def test_timm_errors_name_every_tensor_at_once():
 def test_a_mis_shaped_layer_scale_alone_is_an_error():
   _, sd = golden('torchvision', 'convnext_test')
   sd['features.1.0.layer_scale'] = np.ones((8, 2, 1), np.float32)
-  with pytest.raises(PortError, match=r'shape mismatch \(1\):\n    params/backbone/stage1_0/gamma: .* \(8, 2, 1\) vs model \(8,\)'):
+  with pytest.raises(PortError, match=r'shape mismatch \(1\):\n    params/backbone/stage1_0/gamma: '
+                     r'.* \(8, 2, 1\) vs model \(8,\)'):
     tv.from_torchvision(sd, 'convnext_test', num_classes=10)
 
 

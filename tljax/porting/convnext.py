@@ -91,7 +91,8 @@ def convert_timm(reader: StateDictReader, arch: str) -> None:
   reader.linear('head.fc', 'head/logits')
 
 
-TORCHVISION_CONVERTERS: dict[str, Converter] = {arch: convert_torchvision for arch in convnext.SPECS}
+TORCHVISION_CONVERTERS: dict[str, Converter] = {
+    arch: convert_torchvision for arch in convnext.SPECS}
 # Keyed by timm's architecture name; `port_state_dict` also takes `convnext_test` for tests.
 TIMM_CONVERTERS: dict[str, Converter] = {'convnext_tiny': convert_timm}
 _CONVERTERS = {'torchvision': TORCHVISION_CONVERTERS,
