@@ -39,28 +39,36 @@ def _loader():
 loader = _loader()
 
 
-def _randomize(variables, seed):
-  """Random BatchNorm statistics and affines, so every variable shows in the logits."""
+def random_variables(model, size, seed):
+  """Seeded random variables of `model`'s shapes, built with numpy (no init to compile).
+
+  BatchNorm statistics and affines are random too, so every variable shows in
+  the logits; kernels are scaled by fan-in to keep activations O(1).
+  """
   rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
   def draw(path, x):
     name = jax.tree_util.keystr(path)
-    if 'var' in name:
-      return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+    if 'var' in name or 'scale' in name:
+      return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
     if 'mean' in name or 'bias' in name:
-      return jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype)
-    if 'scale' in name:
-      return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
-    return x
+      return rng.normal(0, 0.2, x.shape).astype(np.float32)
+    fan_in = int(np.prod(x.shape[:-1])) or 1
+    return (rng.normal(0, 1, x.shape) / np.sqrt(fan_in)).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(draw, variables)
+  return jax.tree_util.tree_map_with_path(draw, dict(shapes))
+
+
+def reference_logits(model, variables, x):
+  """`model.apply` in inference mode (jitted: eager Flax is slow on CPU, not different)."""
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
 
 def write_weights(directory, arch, num_classes=5, temperature=None, seed=0):
   size = models.input_size(arch)
   model = models.create(arch, num_classes)
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
-  variables = _randomize(dict(variables), seed)
+  variables = random_variables(model, size, seed)
   pp = Preprocessing(input_size=size, resize=size + 8, mean=(120.0, 115.0, 100.0),
                      std=(60.0, 58.0, 57.0))
   meta = {'arch': arch, 'source': 'tests', 'num_classes': num_classes,
@@ -84,11 +92,10 @@ def test_round_trip_matches_model_apply_at_two_batch_sizes(exported):
   assert doc['input']['shape'] == [None, models.input_size(arch), models.input_size(arch), 3]
   run = loader.load(str(out))
   size = models.input_size(arch)
-  rng = np.random.default_rng(1)
+  x = np.random.default_rng(1).normal(size=(3, size, size, 3)).astype(np.float32)
+  want_all = reference_logits(model, variables, x)  # one compile; row-wise, so batch 1 is row 0
   for batch in (1, 3):
-    x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-    want = np.asarray(model.apply(variables, x, train=False))
-    got = run(x)
+    want, got = want_all[:batch], run(x[:batch])
     assert got.shape == want.shape and got.dtype == np.float32
     err = float(np.abs(got - want).max())
     ERRORS[(arch, 'jax', batch)] = (err, float(np.abs(want).max()))
@@ -142,11 +149,25 @@ def test_fixed_batch_and_wrong_shapes_are_one_line_errors(trained_workdir, tmp_p
   assert doc['input']['shape'] == [2, 32, 32, 3]
   run = loader.load(str(tmp_path))
   assert run(np.zeros((2, 32, 32, 3))).shape == (2, 4)
+  assert 'precision HIGHEST' in run._exported.mlir_module()  # float32 on GPUs too, not TF32
   for shape in [(3, 32, 32, 3), (2, 64, 64, 3), (32, 32, 3), (2, 3, 32, 32)]:
     with pytest.raises(loader.ExportLoadError, match=r'input has shape .* takes float32 2x32x32x3'
                        ) as e:
       run(np.zeros(shape, np.float32))
     assert '\n' not in str(e.value)
+
+
+def test_bfloat16_export_matches_the_bfloat16_model(trained_workdir, tmp_path):
+  doc = export.export(str(trained_workdir / 'export'), str(tmp_path), dtype='bfloat16')
+  assert doc['compute_dtype'] == 'bfloat16' and doc['input']['dtype'] == 'float32'
+  model = models.create('resnet_tiny', 4, dtype=jnp.bfloat16)
+  variables, _ = weights_io.load_weights(str(trained_workdir / 'export'))
+  x = np.random.default_rng(6).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  want = reference_logits(model, variables, x).astype(np.float32)
+  got = loader.load(str(tmp_path))(x)
+  err = float(np.abs(got - want).max())
+  ERRORS[('resnet_tiny', 'jax bfloat16', 3)] = (err, float(np.abs(want).max()))
+  assert err <= 1e-2 * max(1.0, float(np.abs(want).max()))  # a few bf16 roundings apart
 
 
 def test_missing_workdir_and_unfinished_run(tmp_path):
@@ -186,16 +207,16 @@ def test_tflite_round_trip(tmp_path):
   doc = export.export(str(tmp_path / 'w'), str(tmp_path / 'out'), formats=('jax', 'tflite'))
   interpreter = tf.lite.Interpreter(model_path=str(tmp_path / 'out' / doc['formats']['tflite'][
       'file']))
-  rng = np.random.default_rng(2)
+  x = np.random.default_rng(2).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  want_all = reference_logits(model, variables, x)
   for batch in (1, 3):
-    x = rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)
     inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp['index'], x.shape)
+    interpreter.resize_tensor_input(inp['index'], x[:batch].shape)
     interpreter.allocate_tensors()
-    interpreter.set_tensor(inp['index'], x)
+    interpreter.set_tensor(inp['index'], x[:batch])
     interpreter.invoke()
     got = interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
-    want = np.asarray(model.apply(variables, x, train=False))
+    want = want_all[:batch]
     err = float(np.abs(got - want).max())
     ERRORS[('simple_cnn_tiny', 'tflite', batch)] = (err, float(np.abs(want).max()))
     assert err <= TOL, (batch, err)

@@ -1,7 +1,7 @@
 r"""Export a trained model as a serialized `jax.export` artifact that runs without tljax.
 
   python -m tljax.export --workdir=W [--output=DIR] [--format=jax[,tflite]]
-      [--batch=dynamic|N] [--dtype=float32|bfloat16]
+      [--batch=dynamic|N] [--dtype=float32|bfloat16] [--precision=highest|default]
   python -m tljax.export --weights=DIR ...        # a ported-weights directory instead
 
 A trained run leaves its final model in `W/export/` (`tljax.train`), a
@@ -24,7 +24,9 @@ one artifact takes any batch size. The convolutions are traced with plain
 `lax` ops (`tljax.ops.use_backend('xla')`): the CPU backend's C++ kernels are
 custom calls that exist only inside tljax. It is lowered for CPU and CUDA
 (lowering needs no GPU); a platform whose lowering fails is dropped and the
-reason recorded.
+reason recorded. Convolutions and matmuls are traced at 'highest' precision
+so a float32 export gives float32 results on a GPU too (not TF32);
+`--precision=default` trades that for speed.
 
 `--format=tflite` also converts through `jax.experimental.jax2tf` and
 `tf.lite` when TensorFlow is installed (the `tljax[tfds]` extra). ONNX is
@@ -51,6 +53,7 @@ LOADER_FILE = 'export_loader.py'
 TFLITE_FILE = 'model.tflite'
 FORMATS = ('jax', 'tflite')
 DTYPES = ('float32', 'bfloat16')
+PRECISIONS = ('highest', 'default')
 PLATFORMS = ('cpu', 'cuda')
 SPEC_VERSION = 1
 
@@ -138,14 +141,32 @@ def _input_struct(batch: int | None, size: int):
   return jax.ShapeDtypeStruct((lead, size, size, 3), jnp.float32)
 
 
-def export_jax(fn, batch: int | None, size: int,
-               platforms: Sequence[str] = PLATFORMS) -> tuple[bytes, list[str], dict[str, str]]:
-  """Serialized export for every platform that lowers; `(bytes, platforms, {dropped: reason})`."""
+def _tracing(precision: str):
+  """Plain lax ops, and the matmul/conv precision baked into the graph.
+
+  The precision is fixed at trace time: with 'default' a float32 export runs
+  its convolutions in TF32 on NVIDIA GPUs (about 1e-3 off the CPU result),
+  and the caller's `jax.default_matmul_precision` can no longer change it.
+  """
+  import contextlib
   import jax
   from tljax import ops
+  if precision not in PRECISIONS:
+    raise ExportError(f'--precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
+  stack = contextlib.ExitStack()
+  stack.enter_context(ops.use_backend('xla'))
+  if precision == 'highest':
+    stack.enter_context(jax.default_matmul_precision('highest'))
+  return stack
+
+
+def export_jax(fn, batch: int | None, size: int, platforms: Sequence[str] = PLATFORMS,
+               precision: str = 'highest') -> tuple[bytes, list[str], dict[str, str]]:
+  """Serialized export for every platform that lowers; `(bytes, platforms, {dropped: reason})`."""
+  import jax
   struct = _input_struct(batch, size)
   dropped: dict[str, str] = {}
-  with ops.use_backend('xla'):
+  with _tracing(precision):
     try:
       exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(struct)
     except Exception as e:  # noqa: BLE001 - fall back to the platforms that lower alone
@@ -162,7 +183,8 @@ def export_jax(fn, batch: int | None, size: int,
   return exported.serialize(), list(exported.platforms), dropped
 
 
-def export_tflite(fn, batch: int | None, size: int, path: str) -> None:
+def export_tflite(fn, batch: int | None, size: int, path: str,
+                  precision: str = 'highest') -> None:
   """Writes a TFLite flatbuffer through jax2tf; needs TensorFlow (the `tljax[tfds]` extra)."""
   try:
     import tensorflow as tf
@@ -170,9 +192,8 @@ def export_tflite(fn, batch: int | None, size: int, path: str) -> None:
   except ImportError as e:
     raise ExportError(f'--format=tflite needs TensorFlow ({e}); install the extra: '
                       "pip install 'tljax[tfds]', or export --format=jax only.") from None
-  from tljax import ops
   lead = 'b' if batch is None else str(batch)
-  with ops.use_backend('xla'):
+  with _tracing(precision):
     converted = jax2tf.convert(fn, polymorphic_shapes=[f'({lead}, {size}, {size}, 3)'],
                                with_gradient=False)
     module = tf.Module()
@@ -180,8 +201,7 @@ def export_tflite(fn, batch: int | None, size: int, path: str) -> None:
         tf.TensorSpec([batch, size, size, 3], tf.float32)])
     concrete = module.f.get_concrete_function()
   converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                         tf.lite.OpsSet.SELECT_TF_OPS]
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex: LiteRT runs it
   try:
     flatbuffer = converter.convert()
   except Exception as e:  # noqa: BLE001 - the converter's errors are long; keep the gist
@@ -197,7 +217,7 @@ def _json_safe(value: Any) -> Any:
 
 def export(weights_dir: str, output: str, formats: Sequence[str] = ('jax',),
            batch: int | None = None, dtype: str = 'float32',
-           platforms: Sequence[str] = PLATFORMS) -> dict:
+           platforms: Sequence[str] = PLATFORMS, precision: str = 'highest') -> dict:
   """Writes model.jax, export.json and export_loader.py (and other formats) into `output`.
 
   Returns the export.json document. Files are written under temporary names
@@ -212,7 +232,7 @@ def export(weights_dir: str, output: str, formats: Sequence[str] = ('jax',),
   spec = Preprocessing.from_json(meta['preprocessing'])
   num_classes = int(meta['num_classes'])
   fn = inference_function(model, variables)
-  blob, lowered_for, dropped = export_jax(fn, batch, spec.input_size, platforms)
+  blob, lowered_for, dropped = export_jax(fn, batch, spec.input_size, platforms, precision)
   os.makedirs(output, exist_ok=True)
   model_path = os.path.join(output, MODEL_FILE)
   with open(model_path + '.tmp', 'wb') as f:
@@ -224,7 +244,7 @@ def export(weights_dir: str, output: str, formats: Sequence[str] = ('jax',),
                    **({'dropped_platforms': dropped} if dropped else {})}}
   if 'tflite' in formats:
     tflite_path = os.path.join(output, TFLITE_FILE)
-    export_tflite(fn, batch, spec.input_size, tflite_path)
+    export_tflite(fn, batch, spec.input_size, tflite_path, precision)
     files['tflite'] = {'file': TFLITE_FILE, 'sha256': sha256_of(tflite_path)}
   doc = {
       'spec_version': SPEC_VERSION,
@@ -238,6 +258,7 @@ def export(weights_dir: str, output: str, formats: Sequence[str] = ('jax',),
                  'activation': 'sigmoid' if num_classes == 1 else 'softmax',
                  'temperature': temperature_of(meta)},
       'compute_dtype': dtype,
+      'precision': precision,
       'preprocessing': {**spec.to_json(), 'decode': 'EXIF rotation, then RGB; alpha composited '
                         'over white; 16-bit scaled to 8-bit (tljax.data.decode.to_rgb)'},
       'labels': labels_lib.resolve(meta.get('labels'), num_classes),
@@ -267,9 +288,13 @@ flags.DEFINE_string('batch', 'dynamic', "'dynamic' (any batch size) or a fixed b
                     flag_values=FLAGS)
 flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype (inputs/outputs stay float32).',
                   flag_values=FLAGS)
+flags.DEFINE_enum('precision', 'highest', list(PRECISIONS),
+                  'Conv/matmul precision baked into the graph; default allows TF32 on GPUs.',
+                  flag_values=FLAGS)
 
 USAGE = ('usage: python -m tljax.export --workdir=W | --weights=DIR [--output=DIR] '
-         '[--format=jax,tflite] [--batch=dynamic|N] [--dtype=float32|bfloat16]')
+         '[--format=jax,tflite] [--batch=dynamic|N] [--dtype=float32|bfloat16] '
+         '[--precision=highest|default]')
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -282,7 +307,7 @@ def _parse(argv: list[str]) -> list[str]:
 
 
 def run(workdir: str | None, weights: str | None, output: str | None, formats: str = 'jax',
-        batch: str = 'dynamic', dtype: str = 'float32') -> int:
+        batch: str = 'dynamic', dtype: str = 'float32', precision: str = 'highest') -> int:
   """Exports and prints where; returns the exit status (1 with one `error:` line on failure)."""
   from tljax.porting.merge import PortError
   try:
@@ -294,7 +319,8 @@ def run(workdir: str | None, weights: str | None, output: str | None, formats: s
       raise ExportError(f'--weights {weights} does not exist; pass a ported-weights directory '
                         '(`python -m tljax.port ... --output=DIR`).')
     output = output or os.path.join(workdir or weights, 'exported')
-    doc = export(source, output, parse_formats(formats), parse_batch(batch), dtype)
+    doc = export(source, output, parse_formats(formats), parse_batch(batch), dtype,
+                 precision=precision)
   except (ExportError, PortError, ValueError, KeyError, OSError) as e:
     detail = ' '.join(str(e).split()) or type(e).__name__
     print(f'error: {detail}', file=sys.stderr)
@@ -314,7 +340,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   sys.exit(run(FLAGS.workdir, FLAGS.weights, FLAGS.output, FLAGS.format, FLAGS.batch,
-               FLAGS.dtype))
+               FLAGS.dtype, FLAGS.precision))
 
 
 if __name__ == '__main__':

@@ -187,7 +187,8 @@ def load(directory: str) -> ExportedModel:
                           f'it was exported with jax {spec.get("jax_version")}: install that '
                           'version or re-export.') from None
   platform = jax.default_backend()
-  if platform not in exported.platforms:
+  names = {'gpu': ('cuda', 'rocm')}.get(platform, (platform,))  # JAX says 'gpu' for both
+  if not set(names) & set(exported.platforms):
     raise ExportLoadError(f'{path} was lowered for {list(exported.platforms)}, not {platform}; '
                           'run it on one of those (e.g. JAX_PLATFORMS=cpu) or re-export.')
   return ExportedModel(directory, exported, spec)
