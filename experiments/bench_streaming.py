@@ -83,12 +83,13 @@ def tf_data_batches(paths, labels, *, load_size, threads, batch, shuffle_seed):
   return ds.batch(batch).prefetch(2).as_numpy_iterator()
 
 
-def _epoch(batches) -> tuple[float, int, list]:
-  start, count, firsts = time.perf_counter(), 0, []
+def _epoch(batches) -> tuple[float, float, int, list]:
+  """(wall s, process CPU s over all threads, images, a checksum per batch)."""
+  start, cpu, count, firsts = time.perf_counter(), time.process_time(), 0, []
   for images, labels in batches:
     count += len(labels)
     firsts.append(int(images[:, 0, 0, 0].sum()))
-  return time.perf_counter() - start, count, firsts
+  return time.perf_counter() - start, time.process_time() - cpu, count, firsts
 
 
 def main() -> None:
@@ -105,21 +106,25 @@ def main() -> None:
   labels = np.arange(len(paths), dtype=np.int32) % 2
   split = folder_stream(paths, labels, ['a', 'b'], load_size=args.load_size, geometry='shorter',
                         name='train', threads=args.threads)
-  best = {'thread pool': float('inf'), 'tf.data': float('inf')}
+  wall = {'thread pool': float('inf'), 'tf.data': float('inf')}
+  cpu = dict(wall)
   for _ in range(args.rounds):
-    pool_s, n, pool_firsts = _epoch(split.batches(args.batch, shuffle_seed=1,
-                                                  drop_remainder=False))
-    best['thread pool'] = min(best['thread pool'], pool_s)
-    tf_s, m, tf_firsts = _epoch(tf_data_batches(paths, labels, load_size=args.load_size,
-                                                threads=args.threads, batch=args.batch,
-                                                shuffle_seed=1))
-    best['tf.data'] = min(best['tf.data'], tf_s)
+    pool_s, pool_cpu, n, pool_firsts = _epoch(split.batches(args.batch, shuffle_seed=1,
+                                                            drop_remainder=False))
+    tf_s, tf_cpu, m, tf_firsts = _epoch(tf_data_batches(
+        paths, labels, load_size=args.load_size, threads=args.threads, batch=args.batch,
+        shuffle_seed=1))
     assert n == m == len(paths) and pool_firsts == tf_firsts, 'the two streams differ'
+    for name, w, c in (('thread pool', pool_s, pool_cpu), ('tf.data', tf_s, tf_cpu)):
+      wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
   print(f'{args.images} JPEGs {args.size}px → {args.load_size}px, batch {args.batch}, '
-        f'{args.threads} threads, best of {args.rounds} epochs:')
-  for name, seconds in best.items():
-    print(f'  {name:12s} {len(paths) / seconds:8.0f} images/s')
-  print(f'  ratio (thread pool / tf.data): {best["tf.data"] / best["thread pool"]:.2f}')
+        f'{args.threads} threads, best of {args.rounds} epochs (load average now '
+        f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):')
+  for name in wall:
+    print(f'  {name:12s} {len(paths) / wall[name]:8.0f} images/s   '
+          f'{len(paths) / cpu[name]:8.0f} images per CPU-second')
+  print(f'  ratio (thread pool / tf.data): {wall["tf.data"] / wall["thread pool"]:.2f} wall, '
+        f'{cpu["tf.data"] / cpu["thread pool"]:.2f} CPU')
 
 
 if __name__ == '__main__':
