@@ -40,7 +40,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       train_fraction=1.0,        # few-shot: stratified fraction of train, drawn by seed
       few_shot_seed=-1,          # -1: the draw follows the run seed; >= 0 fixes it across seeds
       imbalance_ratio=1.0,       # >1: train counts long-tailed by class index, first/last = ratio
-      cache_budget_mb=4096.0,    # decoded uint8 cache limit; above it, stream with tf.data
+      cache_budget_mb=4096.0,    # decoded uint8 cache limit; above it, stream (decode per epoch)
       num_classes=4,             # synthetic
       num_train=256,             # synthetic
       num_val=64,                # synthetic
