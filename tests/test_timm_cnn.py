@@ -3,8 +3,9 @@
 Golden fixtures (tests/fixtures/timm_cnn/<arch>.json, tools/fixtures_timm_cnn.py)
 hold a weight manifest + seed and the logits real timm computed with those
 weights; numpy rebuilds the state dict and tljax must reproduce the logits
-within 1e-4 * max(1, max|logits|). `efficientnet_tiny` is timm's own B0
-builder at tljax's tiny scaling.
+within 1e-4 * max(1, max|logits|). The timm archs go through the public
+`tljax.porting.timm.from_timm`; `efficientnet_tiny` (timm's own B0 builder
+at tljax's tiny scaling, no timm name) through `timm_cnn.port_state_dict`.
 """
 
 import functools
@@ -20,6 +21,7 @@ import pytest
 import reference_weights
 from tljax import models, optim
 from tljax.models import efficientnet
+from tljax.porting import timm as timm_port
 from tljax.porting import timm_cnn
 from tljax.porting.merge import PortError
 
@@ -36,6 +38,12 @@ def golden(arch):
 def jitted_apply(arch, num_classes, dtype=jnp.float32):
   """One compiled apply per model, shared by the tests (compiles dominate this file's time)."""
   return jax.jit(models.create(arch, num_classes, dtype=dtype).apply)
+
+
+def ported(state_dict, arch, num_classes):
+  if arch in timm_cnn.TIMM_CONVERTERS:
+    return timm_port.from_timm(state_dict, arch, num_classes=num_classes)
+  return timm_cnn.port_state_dict(state_dict, arch)
 
 
 def check_logits(arch, apply, variables, x, ref, label):
@@ -60,7 +68,7 @@ def tiny():
 def test_golden_parity_at_default_and_non_square_sizes(arch):
   fx, state_dict = golden(arch)
   num_classes = len(fx['logits'][0][0])
-  variables = timm_cnn.port_state_dict(state_dict, arch)
+  variables = ported(state_dict, arch, num_classes)
   apply = jitted_apply(arch, num_classes)
   for case, ref in zip(fx['inputs'], fx['logits']):
     x = reference_weights.random_inputs(case['seed'], case['shape'])
@@ -113,13 +121,19 @@ def test_mobilenetv3_conv_head_must_be_1x1():
     timm_cnn.port_state_dict(sd, 'mobilenetv3_large_100')
 
 
-def test_mobilenet_bn_eps_is_timms_only_through_the_alias():
+def test_mobilenet_batchnorm_is_timms_only_through_the_alias():
   timm_bn = models.create('mobilenetv3_large_100', 5).backbone.arch.bn
   tv_bn = models.create('mobilenet_v3_large', 5).backbone.arch.bn
-  assert timm_bn['eps'] == 1e-5 and tv_bn['eps'] == 1e-3
-  assert timm_bn['momentum'] == tv_bn['momentum']
+  assert timm_bn == {'eps': 1e-5, 'momentum': 0.9}
+  assert tv_bn == {'eps': 1e-3, 'momentum': 0.99}
   with pytest.raises(ValueError, match='bn_eps must be > 0'):
     models.create('mobilenet_v3_large', 5, bn_eps=0.0)
+  with pytest.raises(ValueError, match=r'bn_momentum must be in \[0, 1\)'):
+    models.create('mobilenet_v3_large', 5, bn_momentum=1.0)
+  with pytest.raises(ValueError, match='drop_connect_rate must be in'):
+    models.create('efficientnet_b0', 5, drop_connect_rate=1.0)
+  with pytest.raises(ValueError, match='unknown EfficientNet .*efficientnet_b0'):
+    efficientnet.arch_facts('efficientnet_b1')
 
 
 def test_tiny_forward_and_gradient_on_cpu(tiny):
@@ -216,7 +230,7 @@ def test_live_parity_against_timm(arch):
   model, _ = fixtures.seeded_model(arch, seed=1)
   state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
   num_classes = state_dict['classifier.weight'].shape[0]
-  variables = timm_cnn.port_state_dict(state_dict, arch)
+  variables = ported(state_dict, arch, num_classes)
   apply = jax.jit(models.create(arch, num_classes).apply)
   for i, (h, w) in enumerate(fixtures.sizes_of(arch)):
     x = reference_weights.random_inputs(100 + i, (2, h, w, 3))

@@ -27,10 +27,11 @@ _FAMILIES = {
     'convnext': ('convnext_tiny', 'convnext_test'),
 }
 # timm's names for the same networks: name → (tljax name, architecture keywords). The keywords
-# carry where timm's network differs from tljax's default (timm's BatchNorm eps is 1e-5).
-# timm's resnet18/34/50, efficientnet_b0 and convnext_tiny already share tljax's names.
+# carry where timm's network differs from tljax's default (timm's BatchNorm: eps 1e-5, torch
+# momentum 0.1 = Flax 0.9). timm's resnet18/34/50, efficientnet_b0 and convnext_tiny already share
+# tljax's names.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
-    'mobilenetv3_large_100': ('mobilenet_v3_large', {'bn_eps': 1e-5}),
+    'mobilenetv3_large_100': ('mobilenet_v3_large', {'bn_eps': 1e-5, 'bn_momentum': 0.9}),
     'vit_small_patch16_224': ('vit_s_16', {}),
     'vit_base_patch16_224': ('vit_b_16', {}),
 }

@@ -200,17 +200,24 @@ class MobileNetBackbone(nn.Module):
                   name=f'features_{len(a.blocks) + 1}')(x, train)
 
 
-def build(name: str, dtype=jnp.float32, width_mult: float = 1.0, bn_eps: float | None = None):
+def build(name: str, dtype=jnp.float32, width_mult: float = 1.0, bn_eps: float | None = None,
+          bn_momentum: float | None = None):
   """`width_mult` scales channels with torchvision's rounding (official weights: 1.0).
 
-  `bn_eps` overrides the BatchNorm epsilon: timm's `mobilenetv3_large_100` is
+  `bn_eps` and `bn_momentum` (Flax's: weight of the old running value)
+  override the BatchNorm defaults: timm's `mobilenetv3_large_100` is
   torchvision's network in every shape and activation, but normalises with
-  PyTorch's default 1e-5 where torchvision's V3 uses 1e-3, and its weights
-  were trained so.
+  PyTorch's default eps 1e-5 (torchvision's V3: 1e-3), which its weights were
+  trained with, and updates running statistics with torch momentum 0.1
+  (torchvision's V3: 0.01).
   """
   spec = arch_spec(name, width_mult)
-  if bn_eps is not None:
-    if not bn_eps > 0:
-      raise ValueError(f'bn_eps must be > 0, got {bn_eps!r}')
-    spec = dataclasses.replace(spec, bn={**spec.bn, 'eps': float(bn_eps)})
+  if bn_eps is not None and not bn_eps > 0:
+    raise ValueError(f'bn_eps must be > 0, got {bn_eps!r}')
+  if bn_momentum is not None and not 0 <= bn_momentum < 1:
+    raise ValueError(f'bn_momentum must be in [0, 1) (Flax convention), got {bn_momentum!r}')
+  overrides = {k: float(v) for k, v in (('eps', bn_eps), ('momentum', bn_momentum))
+               if v is not None}
+  if overrides:
+    spec = dataclasses.replace(spec, bn={**spec.bn, **overrides})
   return MobileNetBackbone(spec, dtype=dtype), dict(spec.head)
