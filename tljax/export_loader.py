@@ -142,7 +142,11 @@ class ExportedModel:
                             'them with .preprocess(path) (and stack them into a batch).')
 
   def __call__(self, x) -> np.ndarray:
-    x = np.asarray(x, np.float32)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ExportLoadError(f'input has dtype {x.dtype}, but this model takes normalised float32 '
+                            'images, not raw pixels; make them with .preprocess(path).')
+    x = x.astype(np.float32)
     self._check(x)
     return np.asarray(self._exported.call(x))
 
@@ -175,9 +179,9 @@ def load(directory: str) -> ExportedModel:
     raise ExportLoadError(f'{path} not found; re-export the model with `python -m tljax.export`.')
   digest = _sha256(path)
   if digest != entry['sha256']:
-    raise ExportLoadError(f'{path} is corrupt or was changed after export (sha256 {digest[:12]}…, '
-                          f'{SPEC_FILE} says {entry["sha256"][:12]}…); re-export the model with '
-                          '`python -m tljax.export`.')
+    raise ExportLoadError(f'{path} is corrupt or was changed after export (sha256 '
+                          f'{digest[:12]}..., {SPEC_FILE} says {entry["sha256"][:12]}...); '
+                          're-export the model with `python -m tljax.export`.')
   with open(path, 'rb') as f:
     blob = f.read()
   try:
