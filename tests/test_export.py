@@ -155,7 +155,7 @@ def test_fixed_batch_and_wrong_shapes_are_one_line_errors(trained_workdir, tmp_p
                        ) as e:
       run(np.zeros(shape, np.float32))
     assert '\n' not in str(e.value)
-  with pytest.raises(loader.ExportLoadError, match='dtype uint8 .* not raw pixels'):
+  with pytest.raises(loader.ExportLoadError, match='dtype uint8, .* not raw pixels'):
     run(np.zeros((2, 32, 32, 3), np.uint8))
 
 
