@@ -20,6 +20,7 @@ import reference_weights
 from tljax import models, ops, optim
 from tljax.porting import catalog
 from tljax.porting import convnext as port_convnext
+from tljax.porting import timm as timm_port
 from tljax.porting import torchvision as tv
 from tljax.porting.merge import PortError, flatten
 
@@ -34,8 +35,12 @@ def golden(source, arch):
 
 
 def ported(state_dict, source, arch):
+  """Through the public entry points; timm has no `convnext_test`, so that one goes through the
+  same converter by `port_state_dict`."""
   if source == 'torchvision':
     return tv.from_torchvision(state_dict, arch, num_classes=classes_of(state_dict, source))
+  if arch in timm_port.ARCHS:
+    return timm_port.from_timm(state_dict, arch, num_classes=classes_of(state_dict, source))
   return port_convnext.port_state_dict(state_dict, arch, source)
 
 
@@ -123,6 +128,7 @@ def test_each_library_s_file_is_refused_by_the_other_converter():
 def test_registrations_and_catalog_entry():
   assert 'convnext_tiny' in tv.ARCHS and 'convnext_test' in tv.ARCHS
   assert set(port_convnext.TIMM_CONVERTERS) == {'convnext_tiny'}
+  assert 'convnext_tiny' in timm_port.ARCHS
   spec = catalog.lookup('torchvision', 'convnext_tiny')  # torchvision's DEFAULT
   assert spec.filename == tv.CATALOG['convnext_tiny:IMAGENET1K_V1'].filename
   assert spec.url == 'https://download.pytorch.org/models/convnext_tiny-983f1562.pth'
