@@ -15,7 +15,7 @@ file and its preprocessing config around them. What each family needs:
     conv_stem, bn1               features_0/{conv,bn}
     blocks.0.0 (separable)       features_1: conv_dw,bn1 → depthwise; conv_pw,bn2 → project
     blocks.<s>.<j> (inverted)    features_<i>: conv_pw,bn1 → expand; conv_dw,bn2 → depthwise;
-                                 se.conv_reduce,se.conv_expand → se/{fc1,fc2}; conv_pwl,bn3 → project
+                                 se.conv_{reduce,expand} → se/{fc1,fc2}; conv_pwl,bn3 → project
     blocks.6.0.{conv,bn1}        features_16/{conv,bn}
     conv_head, classifier        head/hidden0, head/logits
 
