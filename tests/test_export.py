@@ -186,6 +186,18 @@ def test_missing_workdir_and_unfinished_run(tmp_path):
     export.parse_batch('0')
 
 
+def test_flags_parse_alongside_predicts_and_a_bad_flag_is_one_line(capsys):
+  from tljax import predict  # noqa: F401 - defines its own --weights on absl's global flags
+  export._parse(['export', '--weights=DIR', '--batch=4', '--precision=default'])
+  assert (export.FLAGS.weights, export.FLAGS.batch, export.FLAGS.precision) == ('DIR', '4',
+                                                                                'default')
+  with pytest.raises(SystemExit) as e:
+    export._parse(['export', '--workdir=W', '--formats=onnx'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: Unknown command line flag 'formats'") and err.count('\n') == 1
+
+
 def test_corrupted_or_missing_model_file(trained_workdir, tmp_path):
   out = tmp_path / 'copy'
   export.export(str(trained_workdir / 'export'), str(out))
