@@ -31,7 +31,8 @@ END = '<!-- performance:end -->'
 
 RESULTS = 'experiments/results'
 RUNS = [f'{RESULTS}/cpu_2core.json', f'{RESULTS}/cpu_2core_others_9c96ed3.json',
-        f'{RESULTS}/gpu_h100.json', f'{RESULTS}/gpu_h100_part2.json']
+        f'{RESULTS}/gpu_h100.json', f'{RESULTS}/gpu_h100_part2.json',
+        f'{RESULTS}/issue17/gpu_vit_convnext.json', f'{RESULTS}/issue17/gpu_vit_convnext_part2.json']
 HISTORY = [f'{RESULTS}/cpu_2core_???????.json', f'{RESULTS}/cpu_2core.json']
 OUT = 'docs/performance.md'
 HISTORY_MODELS = (('mobilenet_v2', 'MobileNetV2'), ('efficientnet_lite0', 'EfficientNet-Lite0'),
