@@ -110,11 +110,13 @@ def preprocess_image(image, preprocessing: dict) -> np.ndarray:
   if preprocessing['resize_mode'] == 'exact':
     pixels = np.asarray(image.resize((size, size), resample), np.uint8)
   else:
+    # torchvision's Resize(resize) + CenterCrop(size): long side truncated, offsets rounded
+    # (tljax.data.preprocess.shorter_side_geometry; this file must not import tljax).
     w, h = image.size
-    scale = preprocessing['resize'] / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resize = int(preprocessing['resize'])
+    nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     image = image.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
   mean = np.asarray(preprocessing['mean'], np.float32)
   std = np.asarray(preprocessing['std'], np.float32)

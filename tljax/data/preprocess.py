@@ -73,9 +73,21 @@ def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
   size = spec.input_size
   if spec.resize_mode == 'exact':
     return np.asarray(image.convert('RGB').resize((size, size), resample), np.uint8)
-  w, h = image.size
-  scale = spec.resize / min(w, h)
-  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+  nw, nh, left, top = shorter_side_geometry(*image.size, spec.resize, size)
   image = image.convert('RGB').resize((nw, nh), resample)
-  left, top = (nw - size) // 2, (nh - size) // 2
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def shorter_side_geometry(w: int, h: int, resize: int, size: int) -> tuple[int, int, int, int]:
+  """(resized w, h, crop left, top) exactly as torchvision's `Resize(resize)` + `CenterCrop(size)`.
+
+  The long side is truncated (`int`) and the crop offsets rounded (Python's
+  `round`), as torchvision and timm's eval transforms do; rounding the long
+  side or flooring the offset instead moves the crop by a pixel for some
+  sizes (timm's 235 → 224 crop), which parity with their transforms notices.
+  """
+  if w <= h:
+    nw, nh = resize, int(resize * h / w)
+  else:
+    nw, nh = int(resize * w / h), resize
+  return nw, nh, int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
