@@ -1,6 +1,6 @@
 """Regenerates every golden parity fixture from the real reference libraries.
 
-Run in the reference environment (`make fixtures`): torchvision, Keras and
+Run in the reference environment (`make fixtures`): torchvision, timm, Keras and
 efficientnet-lite-pytorch produce the outputs that CI later compares against.
 """
 
@@ -13,6 +13,10 @@ GENERATORS = (
     'tools.fixtures_torchvision_mobilenet',
     'tools.fixtures_keras',
     'tools.fixtures_efficientnet',
+    'tools.fixtures_vit',
+    'tools.fixtures_convnext',
+    'tools.fixtures_timm_resnet',
+    'tools.fixtures_timm_cnn',
 )
 
 
