@@ -20,8 +20,8 @@ import numpy as np
 from tljax.data.preprocess import Preprocessing
 from tljax.models import convnext
 from tljax.porting.catalog import WeightSpec, torchvision_entries
+from tljax.porting import strict
 from tljax.porting.convert import StateDictReader
-from tljax.porting.merge import PortError, check_and_merge, flatten
 
 Converter = Callable[[StateDictReader, str], None]
 
@@ -111,27 +111,10 @@ TORCHVISION_CATALOG: dict[str, WeightSpec] = torchvision_entries(
 def port_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, source: str) -> dict:
   """`{'params'}` for `tljax.models.create(arch, classes in the file)` from a torchvision or
   timm state dict, refusing any missing, unexpected or mis-shaped tensor."""
-  from tljax.porting import torchvision as tv  # imports this module: resolve at call time
   if source not in _CONVERTERS:
     raise ValueError(f'unknown ConvNeXt source {source!r}; use one of {", ".join(_CONVERTERS)}')
   if arch not in _CONVERTERS[source]:
     raise ValueError(f'no {source} ConvNeXt converter for {arch!r}; known: '
                      f'{", ".join(_CONVERTERS[source])}')
-  what = f'state dict (as {source} {arch})'
-  reader = StateDictReader(state_dict, what=what)
-  _CONVERTERS[source][arch](reader, arch)
-  logits = reader.flat.get('params/head/logits/kernel')
-  classes = logits.shape[-1] if logits is not None and logits.ndim == 2 else 1000
-  shapes, _ = tv._model_shapes(arch, classes)
-  expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
-  mismatched = [f'    {k}: checkpoint {tuple(v.shape)} vs model {expected[k]}'
-                for k, v in sorted(reader.flat.items())
-                if k in expected and tuple(v.shape) != expected[k]]
-  try:
-    variables = reader.finish()
-  except PortError as e:
-    if not mismatched:
-      raise
-    raise PortError('\n'.join([str(e), f'  shape mismatch ({len(mismatched)}):', *mismatched])
-                    ) from None
-  return check_and_merge(tv._zeros_like(shapes), variables, what=what)[0]
+  return strict.port_state_dict(state_dict, _CONVERTERS[source][arch], arch,
+                                what=f'state dict (as {source} {arch})')[0]

@@ -26,14 +26,12 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 
 from tljax.data.preprocess import Preprocessing
-from tljax.porting import pickle_reader
+from tljax.porting import pickle_reader, strict
 from tljax.porting.catalog import WeightSpec
 from tljax.porting.convert import StateDictReader
-from tljax.porting.merge import PortError, check_and_merge, check_finite, flatten
-from tljax.porting.torchvision import _model_shapes, _with_new_logits, _zeros_like
+from tljax.porting.merge import PortError
 
 # Family modules exposing `TIMM_CONVERTERS: {timm arch: convert(reader, arch)}`.
 _FAMILY_MODULES: tuple[str, ...] = ('tljax.porting.timm_cnn', 'tljax.porting.vit',
@@ -326,33 +324,8 @@ def port(path_or_state_dict: str | os.PathLike | Mapping[str, np.ndarray], arch:
     state_dict = load_state_dict(path_or_state_dict)
   else:
     what, state_dict = f'state dict (as timm {arch})', path_or_state_dict
-  reader = StateDictReader(state_dict, what=what)
-  CONVERTERS[arch](reader, arch)
-
-  logits = reader.flat.get('params/head/logits/kernel')
-  ckpt_classes = logits.shape[-1] if logits is not None and logits.ndim == 2 else 1000
-  shapes, _ = _model_shapes(arch, ckpt_classes)
-  expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
-  mismatched = [f'    {k}: checkpoint {tuple(v.shape)} vs model {expected[k]}'
-                for k, v in sorted(reader.flat.items())
-                if k in expected and tuple(v.shape) != expected[k]]
-  try:
-    variables = reader.finish()
-  except PortError as e:
-    if mismatched:
-      raise PortError('\n'.join([str(e), f'  shape mismatch ({len(mismatched)}):',
-                                 *mismatched])) from None
-    raise
-  variables, _ = check_and_merge(_zeros_like(shapes), variables, what=what)
-  replaced: list[str] = []
-  num_classes = ckpt_classes if num_classes is None else num_classes
-  if num_classes != ckpt_classes:
-    variables, replaced = _with_new_logits(variables, arch, num_classes, rng)
-    logging.info('%s: %d-class head replaced by a freshly initialised %d-class head: %s', what,
-                 ckpt_classes, num_classes, ', '.join(replaced))
-  variables = jax.tree_util.tree_map(np.asarray, variables)
-  check_finite(variables, what, allow_nonfinite=allow_nonfinite)
-  return variables, replaced
+  return strict.port_state_dict(state_dict, CONVERTERS[arch], arch, what=what,
+                                num_classes=num_classes, rng=rng, allow_nonfinite=allow_nonfinite)
 
 
 def from_timm(path_or_dir, arch: str, num_classes: int = 1000, rng: jax.Array | None = None,

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tljax import models
 from tljax.models import efficientnet, mobilenet
+from tljax.porting import strict
 from tljax.porting.convert import StateDictReader, linear_kernel
-from tljax.porting.merge import PortError, check_and_merge, flatten
+from tljax.porting.merge import PortError
 from tljax.porting.torchvision import convert_resnet
 
 # Blocks per stage of timm's mobilenetv3_large_100 before its final 1×1 ConvBnAct stage.
@@ -123,27 +122,5 @@ def port_state_dict(state_dict: Mapping[str, np.ndarray], arch: str) -> dict:
   converters = {**TIMM_CONVERTERS, **_TEST_CONVERTERS}
   if arch not in converters:
     raise ValueError(f'no timm converter for {arch!r}; known: {", ".join(converters)}')
-  what = f'state dict (as timm {arch})'
-  reader = StateDictReader(state_dict, what=what)
-  converters[arch](reader, arch)
-  logits = reader.flat.get('params/head/logits/kernel')
-  classes = logits.shape[-1] if logits is not None and logits.ndim == 2 else 1000
-  model = models.create(arch, classes)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
-  mismatched = [f'    {k}: checkpoint {tuple(v.shape)} vs model {expected[k]}'
-                for k, v in sorted(reader.flat.items())
-                if k in expected and tuple(v.shape) != expected[k]]
-  try:
-    variables = reader.finish()
-  except PortError as e:
-    if mismatched:
-      raise PortError('\n'.join([str(e), f'  shape mismatch ({len(mismatched)}):',
-                                 *mismatched])) from None
-    raise
-  if mismatched:
-    raise PortError('\n'.join([f'{what} does not match the architecture:',
-                               f'  shape mismatch ({len(mismatched)}):', *mismatched]))
-  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  variables, _ = check_and_merge(zeros, variables, what=what)
-  return jax.tree_util.tree_map(np.asarray, variables)
+  return strict.port_state_dict(state_dict, converters[arch], arch,
+                                what=f'state dict (as timm {arch})')[0]

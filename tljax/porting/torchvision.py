@@ -13,23 +13,18 @@ returned by `port`.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from tljax import models
 from tljax.models import resnet
-from tljax.porting import torchvision_mobilenet
+from tljax.porting import strict, torchvision_mobilenet
 from tljax.porting.catalog import (TORCHVISION_RESIZE_232, TORCHVISION_RESIZE_256, WeightSpec,
                                    torchvision_entries)
 from tljax.porting.convert import StateDictReader
-from tljax.porting.merge import PortError, check_and_merge, check_finite, flatten, unflatten
 from tljax.porting.pickle_reader import load_state_dict
 
 
@@ -64,41 +59,6 @@ CONVERTERS: dict[str, Callable[[StateDictReader, str], None]] = {
 ARCHS = tuple(CONVERTERS)
 
 
-@functools.lru_cache(maxsize=32)
-def _model_shapes(arch: str, num_classes: int):
-  """(variable shapes, backbone feature shape) of `models.create(arch, num_classes)`."""
-  model = models.create(arch, num_classes)
-  size = models.input_size(arch)
-  x = jnp.zeros((1, size, size, 3))
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  features = jax.eval_shape(lambda v: model.apply(v, x, method=model.features), shapes)
-  return shapes, features.shape
-
-
-def _with_new_logits(variables: dict, arch: str, num_classes: int,
-                     rng: jax.Array | None) -> tuple[dict, list[str]]:
-  """Replaces `head/logits` by a fresh `num_classes` layer; everything else is kept as is.
-
-  Only the head is initialised (`method=apply_head` on pooled features), so
-  this costs a Dense init, not a full-model compile like `merge.with_new_head`.
-  """
-  model = models.create(arch, num_classes)
-  shapes, features = _model_shapes(arch, num_classes)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  init_head = lambda r: model.init(r, jnp.zeros((1, features[-1])), method=model.apply_head)
-  head = jax.jit(init_head)(rng)
-  fresh = {k: v for k, v in flatten(head).items() if '/head/logits/' in k}
-  kept = {k: v for k, v in flatten(variables).items() if '/head/logits/' not in k}
-  merged, _ = check_and_merge(_zeros_like(shapes), unflatten({**kept, **fresh}),
-                              what=f'{arch} with a new {num_classes}-class head')
-  return merged, sorted(fresh)
-
-
-def _zeros_like(shapes) -> dict:
-  """`jax.eval_shape` output as numpy zeros (allocated lazily by the OS), for `check_and_merge`."""
-  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
 def port(path_or_state_dict: str | os.PathLike | Mapping[str, np.ndarray], arch: str,
          num_classes: int = 1000, rng: jax.Array | None = None,
          allow_nonfinite: bool = False) -> tuple[dict, list[str]]:
@@ -113,33 +73,8 @@ def port(path_or_state_dict: str | os.PathLike | Mapping[str, np.ndarray], arch:
     state_dict = load_state_dict(path_or_state_dict)
   else:
     what, state_dict = f'state dict (as torchvision {arch})', path_or_state_dict
-  reader = StateDictReader(state_dict, what=what)
-  CONVERTERS[arch](reader, arch)
-
-  logits = reader.flat.get('params/head/logits/kernel')
-  ckpt_classes = logits.shape[-1] if logits is not None and logits.ndim == 2 else 1000
-  shapes, _ = _model_shapes(arch, ckpt_classes)
-  expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
-  mismatched = [f'    {k}: checkpoint {tuple(v.shape)} vs model {expected[k]}'
-                for k, v in sorted(reader.flat.items())
-                if k in expected and tuple(v.shape) != expected[k]]
-  try:
-    variables = reader.finish()
-  except PortError as e:
-    if mismatched:
-      lines = [str(e), f'  shape mismatch ({len(mismatched)}):', *mismatched]
-      raise PortError('\n'.join(lines)) from None
-    raise
-  variables, _ = check_and_merge(_zeros_like(shapes), variables, what=what)
-
-  replaced: list[str] = []
-  if num_classes != ckpt_classes:
-    variables, replaced = _with_new_logits(variables, arch, num_classes, rng)
-    logging.info('%s: %d-class head replaced by a freshly initialised %d-class head: %s', what,
-                 ckpt_classes, num_classes, ', '.join(replaced))
-  variables = jax.tree_util.tree_map(np.asarray, variables)
-  check_finite(variables, what, allow_nonfinite=allow_nonfinite)
-  return variables, replaced
+  return strict.port_state_dict(state_dict, CONVERTERS[arch], arch, what=what,
+                                num_classes=num_classes, rng=rng, allow_nonfinite=allow_nonfinite)
 
 
 def from_torchvision(path_or_state_dict, arch: str, num_classes: int = 1000,

@@ -10,18 +10,15 @@ of them (`port_state_dict` adds the shape check against the tljax model).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tljax import models
 from tljax.models import vit
 from tljax.porting.catalog import TORCHVISION_RESIZE_256, torchvision_entries
+from tljax.porting import strict
 from tljax.porting.convert import StateDictReader, linear_kernel
-from tljax.porting.merge import PortError, check_and_merge, flatten, unflatten
 
 TIMM_ARCHS = ('vit_small_patch16_224', 'vit_base_patch16_224')
 
@@ -100,15 +97,6 @@ _TORCHVISION_FILES = (
 TORCHVISION_CATALOG = torchvision_entries(_TORCHVISION_FILES, {'vit_b_16': 'IMAGENET1K_V1'})
 
 
-@functools.lru_cache(maxsize=16)
-def _shapes(name: str, num_classes: int, arch_kw: tuple) -> dict[str, tuple[int, ...]]:
-  kw = dict(arch_kw)
-  model = models.create(name, num_classes, **kw)
-  size = kw.get('img_size') or models.input_size(name)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-  return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
-
-
 def port_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, source: str,
                     **arch_kw: Any) -> dict:
   """`{'params'}` for `models.create(arch, <checkpoint's classes>, **arch_kw)`.
@@ -122,22 +110,5 @@ def port_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, source: str
   if arch not in _CONVERTERS[source]:
     raise ValueError(f'no {source} ViT converter for {arch!r}; known: '
                      f'{", ".join(_CONVERTERS[source])}')
-  what = f'state dict (as {source} {arch})'
-  reader = StateDictReader(state_dict, what=what)
-  _CONVERTERS[source][arch](reader, arch)
-  logits = reader.flat.get('params/head/logits/kernel')
-  classes = logits.shape[-1] if logits is not None and logits.ndim == 2 else 1000
-  name, alias_kw = models.resolve(arch)
-  expected = _shapes(name, classes, tuple(sorted({**alias_kw, **arch_kw}.items())))
-  mismatched = [f'    {k}: checkpoint {tuple(v.shape)} vs model {expected[k]}'
-                for k, v in sorted(reader.flat.items())
-                if k in expected and tuple(v.shape) != expected[k]]
-  try:
-    variables = reader.finish()
-  except PortError as e:
-    if mismatched:
-      raise PortError('\n'.join([str(e), f'  shape mismatch ({len(mismatched)}):', *mismatched]))
-    raise
-  zeros = unflatten({k: np.zeros(v, np.float32) for k, v in expected.items()})
-  variables, _ = check_and_merge(zeros, variables, what=what)
-  return jax.tree_util.tree_map(np.asarray, variables)
+  return strict.port_state_dict(state_dict, _CONVERTERS[source][arch], arch,
+                                what=f'state dict (as {source} {arch})', arch_kw=arch_kw)[0]
