@@ -77,7 +77,12 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32,
 
 
 def input_size(name: str, **arch_kw) -> int:
-  """Default square input resolution the model was designed (or ported) for."""
+  """Default square input resolution the model was designed (or ported) for.
+
+  A ViT built with `img_size=S` (its position-embedding grid) was made for S.
+  """
+  if arch_kw.get('img_size'):
+    return int(arch_kw['img_size'])
   sizes = _family(name).INPUT_SIZES
   name = resolve(name)[0]
   return sizes[name] if name in sizes else sizes['default']
