@@ -3,8 +3,10 @@ r"""Today's backbones on the digits: a timm ViT or ConvNeXt, head first, then th
   python -m tljax.port --source=timm --arch=vit_small_patch16_224 --download \
       --output=weights/vit_small_patch16_224
   python -m tljax.main --config=configs/vit_digits.py --workdir=workdirs/vit_digits
+  python -m tljax.main --config=configs/vit_digits.py:model=vit_base_patch16_224 \
+      --workdir=workdirs/vit_b_digits      # after porting it to weights/vit_base_patch16_224
   python -m tljax.main --config=configs/vit_digits.py:model=convnext_tiny \
-      --workdir=workdirs/convnext_digits --config.pretrained.path=weights/convnext_tiny
+      --workdir=workdirs/convnext_digits
 
 Test mode (a 3-block ViT or a small ConvNeXt on synthetic data, same phases):
 `--config=configs/vit_digits.py:tiny`, `--config=configs/vit_digits.py:model=convnext_tiny,tiny`.
@@ -20,7 +22,9 @@ resampled from the 14x14 it was trained with (bicubic, as timm does). Phase 1
 trains a new linear head on cached features; phase 2 unfreezes the head and
 the top 4 blocks with AdamW, warm-up and cosine decay, and layer-wise LR
 decay 0.75 (each block's LR is the one above it x 0.75: the standard ViT
-fine-tuning recipe; for ConvNeXt the blocks are its 18 residual blocks).
+fine-tuning recipe). A block is a unit of `top:N` (`tljax.optim.backbone_blocks`): for
+ViT-S/16 the patch embedding and the 12 transformer blocks (the last with the final norm);
+for ConvNeXt-T the stem, the 3 downsampling layers and the 18 residual blocks.
 """
 
 from tljax.config import base_config, config_args, finalize, phase

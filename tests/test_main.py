@@ -90,7 +90,7 @@ def _arg_combinations(path):
 def test_tiny_switch_gives_a_small_synthetic_run(path, arg):
   cfg = load(path, ','.join(filter(None, (arg, 'tiny'))))
   config_lib.validate(cfg)
-  assert cfg.data.source == 'synthetic' and cfg.model.name.endswith('_tiny')
+  assert cfg.data.source == 'synthetic' and cfg.model.name.endswith(('_tiny', '_test'))
   assert cfg.pretrained.source == 'none' and all(p.epochs <= 1 for p in cfg.phases)
 
 
