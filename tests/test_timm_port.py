@@ -380,6 +380,28 @@ def test_cli_ports_with_a_new_head_and_predict_runs(tmp_path, capsys):
   assert len(result['predictions']) == 5 and result['predictions'][0]['label'].startswith('class_')
 
 
+def test_the_hub_clients_retry_warnings_do_not_reach_the_user(monkeypatch, tmp_path, capfd,
+                                                              caplog):
+  import logging
+
+  def retrying(repo_id, filename, **kw):
+    # As the real client does: its lazily imported modules (re)configure its root logger's level
+    # on first use, after the caller could set it, then log each retry.
+    logging.getLogger('huggingface_hub').setLevel(logging.WARNING)
+    logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 8s [Retry 5/5].')
+    raise ConnectionError("[Errno -2] Name or service not known")
+
+  fake = type(sys)('huggingface_hub')
+  fake.hf_hub_download = retrying
+  monkeypatch.setitem(sys.modules, 'huggingface_hub', fake)
+  with pytest.raises(PortError, match='offline'):
+    port.run_timm_port('resnet18', str(tmp_path / 'w'), download=True,
+                       download_dir=str(tmp_path / 'dl'))
+  assert 'Retrying' not in caplog.text and 'Retrying' not in capfd.readouterr().err
+  logging.getLogger('tljax.test').warning('after the download')
+  assert 'after the download' in caplog.text, 'logging must be restored after the download'
+
+
 def test_cli_download_offline_or_without_the_hub_client_is_one_line(tmp_path):
   proc = _cli('--arch=resnet18', '--download', f'--download_dir={tmp_path}',
               f'--output={tmp_path / "w"}', env={'HF_HUB_OFFLINE': '1'})

@@ -209,14 +209,15 @@ def hub_download(repo_id: str, directory: str, retry_command: str) -> str:
   except ImportError:
     raise PortError(f"--download from the Hugging Face hub needs huggingface_hub: pip install "
                     f"'tljax[hub]' (or {by_hand})") from None
-  hub_log = std_logging.getLogger('huggingface_hub')
-  level = hub_log.level
-  hub_log.setLevel(std_logging.ERROR)   # its retry chatter; ours is one line
+  # The hub client logs every retry (about 25 s of them offline) through loggers whose levels it
+  # manages itself; only our one line should reach the user.
+  previous = std_logging.root.manager.disable
+  std_logging.disable(std_logging.WARNING)
   try:
     for filename in files:
       _fetch(huggingface_hub, repo_id, filename, target, by_hand)
   finally:
-    hub_log.setLevel(level)
+    std_logging.disable(previous)
   return target
 
 
