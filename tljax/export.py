@@ -35,7 +35,6 @@ not offered: see docs/export.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -101,14 +100,6 @@ def parse_batch(value: str | int) -> int | None:
   if batch < 1:
     raise ExportError(f"--batch must be 'dynamic' or a positive integer, got {value!r}.")
   return batch
-
-
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def load_model(weights_dir: str, dtype: str = 'float32'):
@@ -240,12 +231,13 @@ def export(weights_dir: str, output: str, formats: Sequence[str] = ('jax',),
   os.replace(model_path + '.tmp', model_path)
   shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), LOADER_FILE),
                   os.path.join(output, LOADER_FILE))
-  files = {'jax': {'file': MODEL_FILE, 'sha256': sha256_of(model_path), 'platforms': lowered_for,
+  files = {'jax': {'file': MODEL_FILE, 'sha256': weights_io.sha256_of(model_path),
+                   'platforms': lowered_for,
                    **({'dropped_platforms': dropped} if dropped else {})}}
   if 'tflite' in formats:
     tflite_path = os.path.join(output, TFLITE_FILE)
     export_tflite(fn, batch, spec.input_size, tflite_path, precision)
-    files['tflite'] = {'file': TFLITE_FILE, 'sha256': sha256_of(tflite_path)}
+    files['tflite'] = {'file': TFLITE_FILE, 'sha256': weights_io.sha256_of(tflite_path)}
   doc = {
       'spec_version': SPEC_VERSION,
       'created_by': 'tljax.export',

@@ -35,19 +35,12 @@ from absl import app, flags, logging
 
 from tljax.porting import catalog, weights_io
 from tljax.porting.merge import PortError
+from tljax.porting.weights_io import sha256_of
 
 _CONVERTERS = {'torchvision': 'from_torchvision', 'keras': 'from_keras',
                'efficientnet_lite': 'from_efficientnet_lite', 'timm': 'from_timm'}
 _HASH_PREFIX = re.compile(r'-([a-f0-9]{8,64})\.')
 DEFAULT_DOWNLOAD_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'tljax', 'downloads')
-
-
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def published_checksum(spec: catalog.WeightSpec) -> tuple[str, str] | None:

@@ -7,6 +7,7 @@ Every reader error names the file and what to do about it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -18,6 +19,15 @@ from tljax.porting.merge import PortError, check_finite, flatten, unflatten
 WEIGHTS_FILE = 'weights.safetensors'
 METADATA_FILE = 'metadata.json'
 REQUIRED_METADATA = ('arch', 'source', 'num_classes', 'preprocessing')
+
+
+def sha256_of(path: str) -> str:
+  """SHA-256 of a file, read in 1 MiB blocks: what metadata and export manifests record."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def save_weights(directory: str, variables: dict, metadata: dict[str, Any]) -> None:
