@@ -32,8 +32,8 @@ demo: $(VENV)/.installed
 	$(PY) -m tljax.sweep --config=configs/default.py --sweep=configs/sweeps/demo.py --workdir=$(WORKDIR) \
 	  --workers=$$(if [ "$$(nproc)" -ge 2 ]; then echo 2; else echo 1; fi)
 
-# Two pytest workers (pytest-xdist): most of a test's time is single-threaded XLA compiling, so
-# on 2 cores the suite took 13.5 min instead of 18.7 (2026-12-04). TEST_WORKERS=0 runs serially.
+# Two pytest workers (pytest-xdist): most of a test's time is single-threaded XLA compiling, which
+# two workers overlap on 2 cores. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m 'not reference' tests
